@@ -151,10 +151,7 @@ impl SecretRef {
             SecretRef::File(path) => std::fs::read_to_string(path)
                 .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
                 .map_err(|e| {
-                    Error::config(format!(
-                        "cannot read secret file `{}`: {e}",
-                        path.display()
-                    ))
+                    Error::config(format!("cannot read secret file `{}`: {e}", path.display()))
                 }),
         }
     }
@@ -250,7 +247,8 @@ impl Config {
                     .iter()
                     .filter(|k| strsim::jaro_winkler(unknown, k) > 0.8)
                     .max_by(|a, b| {
-                        strsim::jaro_winkler(unknown, a).total_cmp(&strsim::jaro_winkler(unknown, b))
+                        strsim::jaro_winkler(unknown, a)
+                            .total_cmp(&strsim::jaro_winkler(unknown, b))
                     })
                 {
                     err = err.with_context("did you mean", format!("`{best}`"));
@@ -314,9 +312,8 @@ impl BackendConfig {
 
     /// The namespace as a key.
     pub fn namespace_key(&self) -> Result<Key> {
-        Key::new(&self.namespace).map_err(|e| {
-            Error::config(format!("invalid `namespace`: {}", e.message()))
-        })
+        Key::new(&self.namespace)
+            .map_err(|e| Error::config(format!("invalid `namespace`: {}", e.message())))
     }
 
     /// A copy with another namespace (the conformance harness isolates cases this way).
@@ -353,7 +350,10 @@ mod tests {
     #[test]
     fn unknown_kind_lists_kinds() {
         let e = Config::from_toml("[backend]\nkind = \"redis\"\n").unwrap_err();
-        assert!(e.to_string().contains("memory, etcd, zookeeper, nats"), "{e}");
+        assert!(
+            e.to_string().contains("memory, etcd, zookeeper, nats"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -376,11 +376,11 @@ mod tests {
 
     #[test]
     fn bad_duration_and_namespace() {
-        let e = Config::from_toml("[backend]\nkind = \"memory\"\nsession_ttl = \"ten\"\n")
-            .unwrap_err();
+        let e =
+            Config::from_toml("[backend]\nkind = \"memory\"\nsession_ttl = \"ten\"\n").unwrap_err();
         assert!(e.to_string().contains("not a duration"), "{e}");
-        let e = Config::from_toml("[backend]\nkind = \"memory\"\nnamespace = \"a b\"\n")
-            .unwrap_err();
+        let e =
+            Config::from_toml("[backend]\nkind = \"memory\"\nnamespace = \"a b\"\n").unwrap_err();
         assert!(e.to_string().contains("namespace"), "{e}");
     }
 }

@@ -249,7 +249,9 @@ mod tests {
         let e = Error::invalid("bad key").with_context("key", "a b");
         assert_eq!(e.to_string(), "invalid_argument: bad key (key: a b)");
         assert!(!e.is_temporary());
-        assert!(Error::new(ErrorKind::Unavailable, "x").temporary().is_temporary());
+        assert!(Error::new(ErrorKind::Unavailable, "x")
+            .temporary()
+            .is_temporary());
     }
 
     #[test]

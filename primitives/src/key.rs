@@ -314,11 +314,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        for k in ["", "/", "a//b", "a/", "a/./b", "..", &"x/".repeat(16).to_string()] {
+        for k in [
+            "",
+            "/",
+            "a//b",
+            "a/",
+            "a/./b",
+            "..",
+            &"x/".repeat(16).to_string(),
+        ] {
             assert!(Key::new(k).is_err(), "{k:?}");
         }
         let seventeen = vec!["s"; 17].join("/");
-        assert!(Key::new(seventeen).unwrap_err().to_string().contains("17 segments"));
+        assert!(Key::new(seventeen)
+            .unwrap_err()
+            .to_string()
+            .contains("17 segments"));
         let sixteen = vec!["s"; 16].join("/");
         assert!(Key::new(sixteen).is_ok());
         assert!(Key::new("k".repeat(512)).is_ok());

@@ -346,7 +346,7 @@ pub trait Kv: Send + Sync {
     ///   with version `v`. A failed write changes nothing.
     /// - Creating a key again after it was deleted succeeds.
     /// - With a session, the key is deleted when that session is closed or
-    ///   expires; a session that is already lost gives `SessionLost`.
+    ///   expires; a session that is already lost or closed gives `SessionLost`.
     async fn put_with(&self, key: &Key, value: Value, options: PutOptions) -> Result<Version>;
 
     /// Deletes one key under a precondition.

@@ -145,7 +145,9 @@ pub trait Queue: Send + Sync {
     /// - Messages are delivered in push order (when the backend declares
     ///   `fifo_queues`), redeliveries first.
     /// - A message whose `max_attempts`-th delivery fails moves to the
-    ///   dead-letter queue with its payload intact.
+    ///   dead-letter queue with its payload intact, whether or not anyone
+    ///   uses the original queue again: pulling from (or measuring) the
+    ///   dead-letter queue finds it.
     async fn pull(&self, options: PullOptions) -> Result<Option<Delivery>>;
 
     /// Acknowledges a delivery: the message is removed for good.
@@ -177,10 +179,13 @@ pub trait Queue: Send + Sync {
 /// Opens queues.
 #[async_trait]
 pub trait Queues: Send + Sync {
-    /// Opens (creating if needed) the queue `name` with `options`.
+    /// Opens (creating if needed) the queue `name`, setting its options when given.
     ///
     /// # Behavior
-    /// Options belong to the queue: opening it again with other options
-    /// replaces them for every consumer.
-    async fn open(&self, name: &Key, options: QueueOptions) -> Result<Arc<dyn Queue>>;
+    /// - Options belong to the queue: opening it with `Some(options)` replaces
+    ///   them for every consumer; `None` keeps the queue's current options
+    ///   (the defaults for a queue never configured).
+    /// - Invalid options (`max_attempts` 0, a queue as its own dead-letter
+    ///   queue) are `InvalidArgument`.
+    async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>>;
 }

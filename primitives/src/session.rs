@@ -112,7 +112,7 @@ impl Session {
         }
     }
 
-    /// `Ok` while alive; otherwise the `SessionLost` (or `Closed`) error.
+    /// `Ok` while alive; otherwise `SessionLost` (also for a closed session).
     pub fn check(&self) -> Result<()> {
         match &*self.shared.state.borrow() {
             SessionState::Alive { safe_until } if Instant::now() < *safe_until => Ok(()),
@@ -121,8 +121,10 @@ impl Session {
                 self.shared.id
             ))),
             SessionState::Lost(e) => Err(e.clone()),
-            SessionState::Closed => Err(Error::closed(format!(
-                "session {} was closed",
+            // One kind for "this session can no longer back anything",
+            // whether it was lost or closed by its owner; the message says which.
+            SessionState::Closed => Err(Error::session_lost(format!(
+                "session {} was closed by its owner",
                 self.shared.id
             ))),
         }
@@ -263,7 +265,11 @@ pub fn spawn_keep_alive(
                 }
                 let sent = Instant::now();
                 if sent >= safe_until {
-                    lose(&loop_tx, id, "no renewal was acknowledged before the safe-until deadline");
+                    lose(
+                        &loop_tx,
+                        id,
+                        "no renewal was acknowledged before the safe-until deadline",
+                    );
                     return;
                 }
                 let attempt =
@@ -280,7 +286,9 @@ pub fn spawn_keep_alive(
                         });
                         break;
                     }
-                    Ok(Err(e)) if matches!(e.kind(), ErrorKind::SessionLost | ErrorKind::NotFound) => {
+                    Ok(Err(e))
+                        if matches!(e.kind(), ErrorKind::SessionLost | ErrorKind::NotFound) =>
+                    {
                         lose(&loop_tx, id, &format!("the server no longer has it: {e}"));
                         return;
                     }
@@ -289,7 +297,11 @@ pub fn spawn_keep_alive(
                         wait = ttl / 12;
                     }
                     Err(_) => {
-                        lose(&loop_tx, id, "no renewal was acknowledged before the safe-until deadline");
+                        lose(
+                            &loop_tx,
+                            id,
+                            "no renewal was acknowledged before the safe-until deadline",
+                        );
                         return;
                     }
                 }

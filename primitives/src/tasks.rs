@@ -169,6 +169,9 @@ pub trait Tasks: Send + Sync {
     /// Every status update from now on (at-least-once).
     async fn watch(&self) -> Result<BoxStream<'static, Result<TaskStatus>>>;
     /// What is known about `ids` (explicit) or every task (implicit, `None`), paginated.
-    async fn reconcile(&self, ids: Option<Vec<TaskId>>, page: Option<String>)
-        -> Result<ReconcilePage>;
+    async fn reconcile(
+        &self,
+        ids: Option<Vec<TaskId>>,
+        page: Option<String>,
+    ) -> Result<ReconcilePage>;
 }

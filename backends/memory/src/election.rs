@@ -28,7 +28,13 @@ impl Elections for MemoryElections {
         let term = match joined {
             Join::Granted(term) => term,
             Join::Queued { ticket, rx } => {
-                let line = InLine::new(self.ns.clone(), name.clone(), ticket, rx, State::leave_campaign);
+                let line = InLine::new(
+                    self.ns.clone(),
+                    name.clone(),
+                    ticket,
+                    rx,
+                    State::leave_campaign,
+                );
                 line.wait(session, None, &format!("leadership of `{name}`"))
                     .await?
             }

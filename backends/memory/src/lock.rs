@@ -62,13 +62,19 @@ impl InLine {
     }
 
     /// Waits for the grant, up to `timeout`, while the session lives.
-    pub(crate) async fn wait(mut self, session: &Session, timeout: Option<Duration>, what: &str) -> Result<u64> {
+    pub(crate) async fn wait(
+        mut self,
+        session: &Session,
+        timeout: Option<Duration>,
+        what: &str,
+    ) -> Result<u64> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let granted = tokio::select! {
             r = &mut self.rx => r.map_err(|_| Error::session_lost(format!(
                 "session {} ended while waiting for {what}", session.id()
             ))),
-            e = session.lost() => Err(e),
+            // `check` reports a closed session as SessionLost, as waiting demands.
+            e = session.lost() => Err(session.check().err().unwrap_or(e)),
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -133,7 +139,9 @@ impl Locks for MemoryLocks {
 }
 
 fn unreachable_busy() -> Result<u64> {
-    Err(Error::unexpected("a waiting lock request was refused as busy"))
+    Err(Error::unexpected(
+        "a waiting lock request was refused as busy",
+    ))
 }
 
 struct MemoryRelease {

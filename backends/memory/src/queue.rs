@@ -3,7 +3,9 @@
 
 use crate::state::{Namespace, Pulled};
 use async_trait::async_trait;
-use dprim::queue::{Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt};
+use dprim::queue::{
+    Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
+};
 use dprim::{Key, Result, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,7 @@ impl MemoryQueues {
 
 #[async_trait]
 impl Queues for MemoryQueues {
-    async fn open(&self, name: &Key, options: QueueOptions) -> Result<Arc<dyn Queue>> {
+    async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>> {
         self.ns.with(|s| s.open_queue(name, options))?;
         Ok(Arc::new(MemoryQueue {
             ns: self.ns.clone(),

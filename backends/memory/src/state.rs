@@ -156,7 +156,9 @@ impl QueueState {
 pub(crate) enum Pulled {
     Delivery(Delivery),
     /// Nothing visible; something may become visible at `next_change`.
-    Empty { next_change: Option<Instant> },
+    Empty {
+        next_change: Option<Instant>,
+    },
 }
 
 pub(crate) struct State {
@@ -217,7 +219,9 @@ impl State {
     }
 
     pub(crate) fn get(&self, key: &Key) -> Option<Entry> {
-        self.kv.get(key.as_str()).map(|s| Self::entry(key.as_str(), s))
+        self.kv
+            .get(key.as_str())
+            .map(|s| Self::entry(key.as_str(), s))
     }
 
     fn check_session(&self, id: SessionId) -> Result<()> {
@@ -330,7 +334,10 @@ impl State {
 
     /// Keys strictly under `dir`, per segment: the range [`dir/`, `dir0`)
     /// (`0` follows `/` in ASCII), so `a/bc` never matches `a/b`.
-    fn range_under<'a>(&'a self, dir: &Key) -> Box<dyn Iterator<Item = (&'a String, &'a Stored)> + 'a> {
+    fn range_under<'a>(
+        &'a self,
+        dir: &Key,
+    ) -> Box<dyn Iterator<Item = (&'a String, &'a Stored)> + 'a> {
         if dir.is_root() {
             return Box::new(self.kv.iter());
         }
@@ -593,12 +600,16 @@ impl State {
         }
         let ticket = self.next_sequence();
         let (tx, rx) = oneshot::channel();
-        self.locks.entry(name.clone()).or_default().waiters.push_back(Waiter {
-            ticket,
-            session,
-            value: Value::empty(),
-            tx,
-        });
+        self.locks
+            .entry(name.clone())
+            .or_default()
+            .waiters
+            .push_back(Waiter {
+                ticket,
+                session,
+                value: Value::empty(),
+                tx,
+            });
         Ok(Join::Queued { ticket, rx })
     }
 
@@ -661,13 +672,20 @@ impl State {
     // ---------------------------------------------------------- elections
 
     fn election(&mut self, name: &Key) -> &mut Election {
-        self.elections.entry(name.clone()).or_insert_with(|| Election {
-            line: Turnstile::default(),
-            observers: watch::channel(None).0,
-        })
+        self.elections
+            .entry(name.clone())
+            .or_insert_with(|| Election {
+                line: Turnstile::default(),
+                observers: watch::channel(None).0,
+            })
     }
 
-    pub(crate) fn campaign(&mut self, name: &Key, value: Value, session: SessionId) -> Result<Join> {
+    pub(crate) fn campaign(
+        &mut self,
+        name: &Key,
+        value: Value,
+        session: SessionId,
+    ) -> Result<Join> {
         self.check_session(session)?;
         let ticket = self.next_sequence();
         let e = self.election(name);
@@ -805,13 +823,16 @@ impl State {
 
     // ------------------------------------------------------------- queues
 
-    pub(crate) fn open_queue(&mut self, name: &Key, options: QueueOptions) -> Result<()> {
-        options.validate(name)?;
-        options.dead_letter_for(name)?;
-        match self.queues.get_mut(name) {
-            Some(q) => q.options = options,
+    pub(crate) fn open_queue(&mut self, name: &Key, options: Option<QueueOptions>) -> Result<()> {
+        match options {
+            Some(options) => {
+                options.validate(name)?;
+                options.dead_letter_for(name)?;
+                self.queue(name).options = options;
+            }
             None => {
-                self.queues.insert(name.clone(), QueueState::new(options));
+                QueueOptions::default().dead_letter_for(name)?;
+                self.queue(name);
             }
         }
         Ok(())
@@ -843,9 +864,25 @@ impl State {
         MessageId(id)
     }
 
-    /// Applies what time and session loss have done to a queue: expired or
-    /// orphaned deliveries fail their attempt, delays that passed end.
+    /// Applies what time and session loss have done to a queue and to every
+    /// queue dead-lettering into it, so a dead message shows up in its
+    /// dead-letter queue even if nobody touches the original queue again.
     fn tick(&mut self, name: &Key) {
+        let feeders: Vec<Key> = self
+            .queues
+            .iter()
+            .filter(|(q, state)| {
+                *q != name && state.options.dead_letter_for(q).ok().as_ref() == Some(name)
+            })
+            .map(|(q, _)| q.clone())
+            .collect();
+        for q in feeders {
+            self.tick_one(&q);
+        }
+        self.tick_one(name);
+    }
+
+    fn tick_one(&mut self, name: &Key) {
         let now = Instant::now();
         let sessions = &self.sessions;
         let Some(q) = self.queues.get_mut(name) else {
@@ -987,7 +1024,12 @@ impl State {
         }
     }
 
-    pub(crate) fn extend(&mut self, name: &Key, receipt: &Receipt, timeout: Duration) -> Result<()> {
+    pub(crate) fn extend(
+        &mut self,
+        name: &Key,
+        receipt: &Receipt,
+        timeout: Duration,
+    ) -> Result<()> {
         match self.current_delivery(name, receipt)? {
             Some(id) => {
                 if let Some(QueuedMsg {

@@ -1,7 +1,8 @@
 //! Timer-driven behaviour of the memory backend under tokio's paused clock,
 //! so expiry orderings are checked exactly rather than with sleeps.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use dprim::{BackendConfig, ErrorKind, Key, KvExt, PullOptions, QueueOptions, Value};
+use dprim::{BackendConfig, ErrorKind, Key, KvExt, PullOptions, Value};
 use dprim_memory::MemoryServer;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -12,7 +13,9 @@ fn key(s: &str) -> Key {
 
 #[tokio::test(start_paused = true)]
 async fn stalled_session_is_lost_before_the_server_expires_it() {
-    let backend = MemoryServer::new().connect(&BackendConfig::memory()).unwrap();
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
+        .unwrap();
     let ttl = Duration::from_secs(3);
     let session = backend.sessions().open(ttl).await.unwrap();
     backend
@@ -22,7 +25,12 @@ async fn stalled_session_is_lost_before_the_server_expires_it() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert!(session.is_alive());
-    backend.faults().unwrap().stall_session(session.id()).await.unwrap();
+    backend
+        .faults()
+        .unwrap()
+        .stall_session(session.id())
+        .await
+        .unwrap();
     let lost = session.lost().await;
     assert_eq!(lost.kind(), ErrorKind::SessionLost);
     let lost_at = Instant::now();
@@ -35,12 +43,10 @@ async fn stalled_session_is_lost_before_the_server_expires_it() {
 
 #[tokio::test(start_paused = true)]
 async fn visibility_timeout_redelivers_with_next_attempt() {
-    let backend = MemoryServer::new().connect(&BackendConfig::memory()).unwrap();
-    let q = backend
-        .queues()
-        .open(&key("q"), QueueOptions::default())
-        .await
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
         .unwrap();
+    let q = backend.queues().open(&key("q"), None).await.unwrap();
     q.push(Value::new(b"m".to_vec()).unwrap()).await.unwrap();
     let opts = PullOptions {
         visibility_timeout: Duration::from_secs(10),
@@ -54,7 +60,10 @@ async fn visibility_timeout_redelivers_with_next_attempt() {
     let second = q.pull(opts.clone()).await.unwrap().unwrap();
     assert_eq!(second.id, first.id);
     assert_eq!(second.attempt, 2);
-    assert_eq!(q.ack(&first.receipt).await.unwrap_err().kind(), ErrorKind::Conflict);
+    assert_eq!(
+        q.ack(&first.receipt).await.unwrap_err().kind(),
+        ErrorKind::Conflict
+    );
     q.ack(&second.receipt).await.unwrap();
     q.ack(&second.receipt).await.unwrap();
     assert_eq!(q.depth().await.unwrap().total(), 0);
@@ -62,12 +71,10 @@ async fn visibility_timeout_redelivers_with_next_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_pull_wakes_when_a_delivery_times_out() {
-    let backend = MemoryServer::new().connect(&BackendConfig::memory()).unwrap();
-    let q = backend
-        .queues()
-        .open(&key("q"), QueueOptions::default())
-        .await
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
         .unwrap();
+    let q = backend.queues().open(&key("q"), None).await.unwrap();
     q.push(Value::empty()).await.unwrap();
     let short = PullOptions {
         visibility_timeout: Duration::from_secs(5),
@@ -89,7 +96,9 @@ async fn waiting_pull_wakes_when_a_delivery_times_out() {
 
 #[tokio::test(start_paused = true)]
 async fn lock_waiter_that_times_out_lets_nobody_jump_the_holder() {
-    let backend = MemoryServer::new().connect(&BackendConfig::memory()).unwrap();
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
+        .unwrap();
     let ttl = Duration::from_secs(30);
     let (a, b, c) = (
         backend.sessions().open(ttl).await.unwrap(),
@@ -97,8 +106,15 @@ async fn lock_waiter_that_times_out_lets_nobody_jump_the_holder() {
         backend.sessions().open(ttl).await.unwrap(),
     );
     let name = key("l");
-    let held = backend.locks().lock(&name, &a, Duration::ZERO).await.unwrap();
-    let timed_out = backend.locks().lock(&name, &b, Duration::from_secs(1)).await;
+    let held = backend
+        .locks()
+        .lock(&name, &a, Duration::ZERO)
+        .await
+        .unwrap();
+    let timed_out = backend
+        .locks()
+        .lock(&name, &b, Duration::from_secs(1))
+        .await;
     assert_eq!(timed_out.unwrap_err().kind(), ErrorKind::Timeout);
     assert!(backend.locks().try_lock(&name, &c).await.unwrap().is_none());
     let token = held.fencing_token();

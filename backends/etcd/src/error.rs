@@ -1,0 +1,69 @@
+//! The one place etcd errors become dprim errors.
+
+use dprim::{Error, ErrorKind};
+use tonic::Code;
+
+/// Maps an etcd client error onto a portable kind. Transport failures and
+/// "no leader" are temporary (a retry may succeed once the cluster settles);
+/// refused credentials are `PermissionDenied` and never echo a password.
+pub(crate) fn map_error(e: etcd_client::Error) -> Error {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => {
+            let msg = status.message().to_string();
+            let kind = match status.code() {
+                _ if msg.contains("authentication failed") => ErrorKind::PermissionDenied,
+                _ if msg.contains("required revision has been compacted") => ErrorKind::Resync,
+                _ if msg.contains("requested lease not found") => ErrorKind::SessionLost,
+                Code::PermissionDenied | Code::Unauthenticated => ErrorKind::PermissionDenied,
+                Code::InvalidArgument | Code::OutOfRange => ErrorKind::InvalidArgument,
+                Code::NotFound => ErrorKind::NotFound,
+                Code::DeadlineExceeded => ErrorKind::Timeout,
+                Code::Unavailable | Code::Aborted | Code::ResourceExhausted | Code::Cancelled => {
+                    ErrorKind::Unavailable
+                }
+                Code::Unimplemented => ErrorKind::Unsupported,
+                _ if msg.contains("leader") || msg.contains("timed out") => ErrorKind::Unavailable,
+                _ => ErrorKind::Unexpected,
+            };
+            let text = match kind {
+                ErrorKind::PermissionDenied => format!(
+                    "etcd refused the request for this identity ({msg}); check `username` and the password reference in [backend]"
+                ),
+                _ => format!("etcd: {msg}"),
+            };
+            let err = Error::new(kind, text);
+            if matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
+                err.temporary()
+            } else {
+                err
+            }
+        }
+        E::TransportError(t) => Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot reach etcd: {t}; check `endpoints` and that the server is running"),
+        )
+        .temporary(),
+        E::IoError(io) => Error::new(
+            ErrorKind::Unavailable,
+            format!("etcd connection failed: {io}"),
+        )
+        .temporary(),
+        E::InvalidUri(u) => Error::config(format!("invalid etcd endpoint: {u}")),
+        E::EndpointError(m) => Error::config(format!("invalid etcd endpoint: {m}")),
+        E::WatchError(m) => {
+            Error::new(ErrorKind::Unavailable, format!("etcd watch failed: {m}")).temporary()
+        }
+        E::LeaseKeepAliveError(m) => Error::new(
+            ErrorKind::Unavailable,
+            format!("etcd lease keep-alive failed: {m}"),
+        )
+        .temporary(),
+        other => Error::unexpected(format!("etcd client: {other}")),
+    }
+}
+
+/// A request that did not finish within `request_timeout`.
+pub(crate) fn timed_out(what: &str, after: std::time::Duration) -> Error {
+    Error::timeout(format!("etcd {what} did not answer within {after:?}")).temporary()
+}

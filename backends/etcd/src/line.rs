@@ -1,0 +1,239 @@
+//! The waiting line behind locks and elections: each participant puts a
+//! unique key under the line's prefix, attached to its session's lease; the
+//! key's create revision is its place in line (and its fencing token or
+//! term, since etcd revisions only grow). A participant waits for the
+//! deletion of the key just ahead of it only, so a release wakes exactly one
+//! waiter (no herd), and a waiter that leaves never lets anyone jump the
+//! holder (its successor then waits on the key ahead of it).
+
+use crate::Etcd;
+use dprim::{Error, Result, Session};
+use etcd_client::{EventType, GetOptions, KeyValue, SortOrder, SortTarget, WatchOptions};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::layout::prefix_end;
+
+/// One place in a line.
+pub(crate) struct Place {
+    pub(crate) key: Vec<u8>,
+    pub(crate) revision: i64,
+}
+
+#[derive(Clone)]
+pub(crate) struct Line {
+    etcd: Etcd,
+    prefix: Vec<u8>,
+}
+
+impl Line {
+    pub(crate) fn new(etcd: Etcd, prefix: Vec<u8>) -> Line {
+        Line { etcd, prefix }
+    }
+
+    /// Joins the end of the line.
+    pub(crate) async fn join(&self, session: &Session, value: Vec<u8>) -> Result<Place> {
+        session.check()?;
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(
+            format!("{:016x}-{:016x}", session.id().0, rand::random::<u64>()).as_bytes(),
+        );
+        let options = etcd_client::PutOptions::new().with_lease(session.id().0 as i64);
+        let resp = self
+            .etcd
+            .call("put", self.etcd.kv().put(key.clone(), value, Some(options)))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(Place { key, revision })
+    }
+
+    /// Leaves the line (or releases the head position).
+    pub(crate) async fn leave(&self, place: &Place) -> Result<()> {
+        self.etcd
+            .call("delete", self.etcd.kv().delete(place.key.clone(), None))
+            .await
+            .map(|_| ())
+    }
+
+    /// The key just ahead of `place`, if any, and the revision of that read.
+    async fn ahead(&self, place: &Place) -> Result<(Option<KeyValue>, i64)> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_max_create_revision(place.revision - 1)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(1);
+        let resp = self
+            .etcd
+            .call(
+                "get",
+                self.etcd.kv().get(self.prefix.clone(), Some(options)),
+            )
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.kvs().first().cloned(), rev))
+    }
+
+    /// Whether `place` is still in line (its lease may have expired).
+    async fn present(&self, place: &Place) -> Result<bool> {
+        let resp = self
+            .etcd
+            .call(
+                "get",
+                self.etcd
+                    .kv()
+                    .get(place.key.clone(), Some(GetOptions::new().with_count_only())),
+            )
+            .await?;
+        Ok(resp.count() > 0)
+    }
+
+    /// Whether `place` is at the head now.
+    pub(crate) async fn at_head(&self, place: &Place) -> Result<bool> {
+        Ok(self.ahead(place).await?.0.is_none())
+    }
+
+    /// Waits until `place` is at the head of the line, the session is lost,
+    /// or `deadline` passes.
+    pub(crate) async fn wait_for_head(
+        &self,
+        place: &Place,
+        session: &Session,
+        deadline: Option<Instant>,
+        what: &str,
+    ) -> Result<()> {
+        loop {
+            session.check()?;
+            let (ahead, read_rev) = self.ahead(place).await?;
+            let Some(ahead) = ahead else {
+                if !self.present(place).await? {
+                    return Err(Error::session_lost(format!(
+                        "session {} ended while waiting for {what}",
+                        session.id()
+                    )));
+                }
+                return Ok(());
+            };
+            let gone = self.wait_deleted(ahead.key(), read_rev + 1);
+            tokio::select! {
+                r = gone => r?,
+                e = session.lost() => return Err(session.check().err().unwrap_or(e)),
+                _ = sleep_until(deadline) => {
+                    return Err(Error::timeout(format!("{what} not granted in time")));
+                }
+            }
+        }
+    }
+
+    /// Resolves once `key` is deleted at or after `from` (or the watch breaks,
+    /// in which case the caller simply looks again).
+    async fn wait_deleted(&self, key: &[u8], from: i64) -> Result<()> {
+        let mut client = self.etcd.client.watch_client();
+        let options = WatchOptions::new().with_start_revision(from);
+        let mut stream = self
+            .etcd
+            .call("watch", client.watch(key.to_vec(), Some(options)))
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        return Ok(());
+                    }
+                    if resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The head of the line, if anyone is in it.
+    pub(crate) async fn head(&self) -> Result<(Option<KeyValue>, i64)> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let resp = self
+            .etcd
+            .call(
+                "get",
+                self.etcd.kv().get(self.prefix.clone(), Some(options)),
+            )
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.kvs().first().cloned(), rev))
+    }
+
+    /// A watch on the whole line from `from` (for observers).
+    pub(crate) async fn watch_all(&self, from: i64) -> Result<etcd_client::WatchStream> {
+        let mut client = self.etcd.client.watch_client();
+        let options = WatchOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_start_revision(from);
+        self.etcd
+            .call("watch", client.watch(self.prefix.clone(), Some(options)))
+            .await
+    }
+
+    pub(crate) fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Leaves the line in the background unless told the place was kept, so a
+/// timed-out, cancelled or failed waiter never blocks the line.
+pub(crate) struct LeaveOnDrop {
+    line: Line,
+    place: Option<Place>,
+}
+
+impl LeaveOnDrop {
+    pub(crate) fn new(line: Line, place: Place) -> LeaveOnDrop {
+        LeaveOnDrop {
+            line,
+            place: Some(place),
+        }
+    }
+
+    pub(crate) fn place(&self) -> Option<&Place> {
+        self.place.as_ref()
+    }
+
+    /// Keeps the place (it is now held by a guard or leadership).
+    pub(crate) fn keep(mut self) -> Place {
+        self.place.take().unwrap_or(Place {
+            key: Vec::new(),
+            revision: 0,
+        })
+    }
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        if let Some(place) = self.place.take() {
+            let line = self.line.clone();
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    if let Err(e) = line.leave(&place).await {
+                        tracing::warn!(error = %e, "leaving an etcd line failed; the session's lease will clear it");
+                    }
+                });
+            }
+        }
+    }
+}

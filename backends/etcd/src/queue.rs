@@ -1,0 +1,511 @@
+//! Queues on etcd.
+//!
+//! A message is a key under `!m/` whose create revision is its id and its
+//! place in FIFO order; its value is the attempt count (4 bytes) plus the
+//! payload. An in-flight delivery is a claim key under `!c/` holding
+//! `<visible-at unix ms>:<nonce>`, attached to the consumer's lease when the
+//! pull names a session (so session loss deletes the claim and the message
+//! is visible again at once). Claiming is one txn comparing both keys'
+//! revisions, so two consumers never hold the same message. Visibility
+//! deadlines are wall-clock milliseconds: consumers' clocks should agree to
+//! well under a visibility timeout (NTP-level).
+
+use crate::layout::prefix_end;
+use crate::Etcd;
+use async_trait::async_trait;
+use dprim::queue::{
+    Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
+};
+use dprim::{Error, Key, Result, Value};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Marks a claim that nobody holds (a nack with delay).
+const NOBODY: &str = "-";
+
+pub(crate) struct EtcdQueues {
+    etcd: Etcd,
+}
+
+impl EtcdQueues {
+    pub(crate) fn new(etcd: Etcd) -> EtcdQueues {
+        EtcdQueues { etcd }
+    }
+}
+
+fn encode_options(o: &QueueOptions, name: &Key) -> Result<Vec<u8>> {
+    Ok(format!("{}\n{}", o.max_attempts, o.dead_letter_for(name)?).into_bytes())
+}
+
+fn decode_options(raw: &[u8], name: &Key) -> QueueOptions {
+    let text = String::from_utf8_lossy(raw);
+    let mut lines = text.lines();
+    let max_attempts = lines.next().and_then(|l| l.parse().ok()).unwrap_or(5);
+    let dead_letter = lines.next().and_then(|l| Key::new(l).ok());
+    QueueOptions {
+        max_attempts,
+        dead_letter: dead_letter.or_else(|| name.join("dead-letter").ok()),
+    }
+}
+
+#[async_trait]
+impl Queues for EtcdQueues {
+    async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>> {
+        QueueOptions::default().dead_letter_for(name)?;
+        if let Some(options) = options {
+            options.validate(name)?;
+            let raw = encode_options(&options, name)?;
+            let key = self.etcd.layout.queue_options(name);
+            self.etcd
+                .call("put", self.etcd.kv().put(key, raw, None))
+                .await?;
+        }
+        Ok(Arc::new(EtcdQueue::new(self.etcd.clone(), name.clone())))
+    }
+}
+
+struct EtcdQueue {
+    etcd: Etcd,
+    name: Key,
+    messages: Vec<u8>,
+    claims: Vec<u8>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+struct Claim {
+    visible_at: i64,
+    nonce: String,
+}
+
+fn parse_claim(kv: &KeyValue) -> Claim {
+    let text = String::from_utf8_lossy(kv.value());
+    let (at, nonce) = text.split_once(':').unwrap_or(("0", NOBODY));
+    Claim {
+        visible_at: at.parse().unwrap_or(0),
+        nonce: nonce.to_string(),
+    }
+}
+
+fn split_message(raw: &[u8]) -> (u32, &[u8]) {
+    if raw.len() < 4 {
+        return (0, raw);
+    }
+    let attempts = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    (attempts, &raw[4..])
+}
+
+fn join_message(attempts: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 4);
+    v.extend_from_slice(&attempts.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn get_range(prefix: &[u8]) -> GetOptions {
+    GetOptions::new()
+        .with_range(prefix_end(prefix))
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+}
+
+/// A consistent snapshot of one queue.
+struct Snapshot {
+    messages: Vec<KeyValue>,
+    claims: HashMap<Vec<u8>, KeyValue>,
+    options: QueueOptions,
+    revision: i64,
+}
+
+impl EtcdQueue {
+    fn new(etcd: Etcd, name: Key) -> EtcdQueue {
+        let messages = etcd.layout.queue_messages(&name);
+        let claims = etcd.layout.queue_claims(&name);
+        EtcdQueue {
+            etcd,
+            name,
+            messages,
+            claims,
+        }
+    }
+
+    fn claim_key(&self, message_key: &[u8]) -> Vec<u8> {
+        let mut k = self.claims.clone();
+        k.extend_from_slice(&message_key[self.messages.len()..]);
+        k
+    }
+
+    fn message_key(&self, suffix: &str) -> Vec<u8> {
+        let mut k = self.messages.clone();
+        k.extend_from_slice(suffix.as_bytes());
+        k
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let txn = etcd_client::Txn::new().and_then([
+            TxnOp::get(self.messages.clone(), Some(get_range(&self.messages))),
+            TxnOp::get(self.claims.clone(), Some(get_range(&self.claims))),
+            TxnOp::get(self.etcd.layout.queue_options(&self.name), None),
+        ]);
+        let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let messages = gets.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
+        let claims = gets
+            .next()
+            .map(|g| {
+                g.kvs()
+                    .iter()
+                    .map(|kv| (kv.key()[self.claims.len()..].to_vec(), kv.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let options = gets
+            .next()
+            .and_then(|g| {
+                g.kvs()
+                    .first()
+                    .map(|kv| decode_options(kv.value(), &self.name))
+            })
+            .unwrap_or_else(|| QueueOptions {
+                dead_letter: self.name.join("dead-letter").ok(),
+                ..QueueOptions::default()
+            });
+        Ok(Snapshot {
+            messages,
+            claims,
+            options,
+            revision,
+        })
+    }
+
+    /// Moves a message to the dead-letter queue if nobody changed it meanwhile.
+    async fn dead_letter(
+        &self,
+        options: &QueueOptions,
+        msg: &KeyValue,
+        claim: Option<&KeyValue>,
+    ) -> Result<bool> {
+        let dlq = options.dead_letter_for(&self.name)?;
+        let (_, payload) = split_message(msg.value());
+        let target = self.etcd.layout.queue_messages(&dlq);
+        let mut new_key = target;
+        new_key.extend_from_slice(format!("{:016x}", rand::random::<u64>()).as_bytes());
+        let claim_key = self.claim_key(msg.key());
+        let claim_rev = claim.map_or(0, |c| c.mod_revision());
+        let txn = etcd_client::Txn::new()
+            .when([
+                Compare::mod_revision(msg.key().to_vec(), CompareOp::Equal, msg.mod_revision()),
+                Compare::mod_revision(claim_key.clone(), CompareOp::Equal, claim_rev),
+            ])
+            .and_then([
+                TxnOp::delete(msg.key().to_vec(), None),
+                TxnOp::delete(claim_key, None),
+                TxnOp::put(new_key, join_message(0, payload), None),
+            ]);
+        Ok(self
+            .etcd
+            .call("txn", self.etcd.kv().txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// One pass over the queue: claims the first visible message.
+    async fn try_pull(
+        &self,
+        options: &PullOptions,
+    ) -> Result<(Option<Delivery>, Option<i64>, i64)> {
+        let snap = self.snapshot().await?;
+        let now = now_ms();
+        let mut next_change: Option<i64> = None;
+        for msg in &snap.messages {
+            let suffix = &msg.key()[self.messages.len()..];
+            let claim = snap.claims.get(suffix);
+            if let Some(c) = claim.map(parse_claim) {
+                if c.visible_at > now {
+                    next_change = Some(next_change.map_or(c.visible_at, |n| n.min(c.visible_at)));
+                    continue;
+                }
+            }
+            let (attempts, payload) = split_message(msg.value());
+            if attempts >= snap.options.max_attempts {
+                self.dead_letter(&snap.options, msg, claim).await?;
+                continue;
+            }
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            let claim_key = self.claim_key(msg.key());
+            let claim_rev = claim.map_or(0, |c| c.mod_revision());
+            let visible_at = now + options.visibility_timeout.as_millis() as i64;
+            let put = options
+                .session
+                .as_ref()
+                .map(|s| etcd_client::PutOptions::new().with_lease(s.id().0 as i64));
+            let txn = etcd_client::Txn::new()
+                .when([
+                    Compare::mod_revision(msg.key().to_vec(), CompareOp::Equal, msg.mod_revision()),
+                    Compare::mod_revision(claim_key.clone(), CompareOp::Equal, claim_rev),
+                ])
+                .and_then([
+                    TxnOp::put(
+                        msg.key().to_vec(),
+                        join_message(attempts + 1, payload),
+                        None,
+                    ),
+                    TxnOp::put(claim_key, format!("{visible_at}:{nonce}"), put),
+                ]);
+            if self
+                .etcd
+                .call("txn", self.etcd.kv().txn(txn))
+                .await?
+                .succeeded()
+            {
+                let suffix = String::from_utf8_lossy(suffix).into_owned();
+                return Ok((
+                    Some(Delivery {
+                        id: MessageId(msg.create_revision() as u64),
+                        payload: Value::new(payload.to_vec())?,
+                        attempt: attempts + 1,
+                        receipt: Receipt(format!("{suffix}.{nonce}")),
+                    }),
+                    None,
+                    snap.revision,
+                ));
+            }
+            // Another consumer won this one; try the next.
+        }
+        Ok((None, next_change, snap.revision))
+    }
+
+    fn parse_receipt(&self, receipt: &Receipt) -> Result<(String, String)> {
+        receipt
+            .0
+            .split_once('.')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "`{receipt}` is not a receipt of the etcd backend; pass the receipt printed by pull"
+                ))
+            })
+    }
+
+    /// The message and claim of a receipt that is still current.
+    async fn current(&self, receipt: &Receipt) -> Result<Option<(KeyValue, KeyValue)>> {
+        let (suffix, nonce) = self.parse_receipt(receipt)?;
+        let msg_key = self.message_key(&suffix);
+        let claim_key = self.claim_key(&msg_key);
+        let txn = etcd_client::Txn::new()
+            .and_then([TxnOp::get(msg_key, None), TxnOp::get(claim_key, None)]);
+        let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned().map(Some),
+            _ => None,
+        });
+        let msg = gets.next().flatten();
+        let claim = gets.next().flatten();
+        match (msg, claim) {
+            (None, _) => Ok(None),
+            (Some(m), Some(c)) => {
+                let parsed = parse_claim(&c);
+                if parsed.nonce == nonce && parsed.visible_at > now_ms() {
+                    Ok(Some((m, c)))
+                } else {
+                    Err(self.stale(receipt))
+                }
+            }
+            (Some(_), None) => Err(self.stale(receipt)),
+        }
+    }
+
+    fn stale(&self, receipt: &Receipt) -> Error {
+        Error::conflict(format!(
+            "delivery {receipt} of queue `{}` expired and the message was made visible again; it will be processed again",
+            self.name
+        ))
+    }
+
+    async fn guarded(&self, msg: &KeyValue, claim: &KeyValue, ops: Vec<TxnOp>) -> Result<bool> {
+        let txn = etcd_client::Txn::new()
+            .when([
+                Compare::mod_revision(msg.key().to_vec(), CompareOp::Equal, msg.mod_revision()),
+                Compare::mod_revision(claim.key().to_vec(), CompareOp::Equal, claim.mod_revision()),
+            ])
+            .and_then(ops);
+        Ok(self
+            .etcd
+            .call("txn", self.etcd.kv().txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    async fn wait_for_change(&self, after: i64, until: tokio::time::Instant) {
+        let mut prefix = self.etcd.layout.queue_options(&self.name);
+        // `<queue>/!options` -> `<queue>/!`: covers messages, claims, options.
+        prefix.truncate(prefix.len() - "options".len());
+        let mut client = self.etcd.client.watch_client();
+        let options = WatchOptions::new()
+            .with_range(prefix_end(&prefix))
+            .with_start_revision(after + 1);
+        let watch = async {
+            if let Ok(mut stream) = client.watch(prefix.clone(), Some(options)).await {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(r)) if r.events().is_empty() && !r.canceled() => continue,
+                        _ => return,
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = watch => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for EtcdQueue {
+    fn name(&self) -> &Key {
+        &self.name
+    }
+
+    async fn push(&self, payload: Value) -> Result<MessageId> {
+        let key = self.message_key(&format!("{:016x}", rand::random::<u64>()));
+        let resp = self
+            .etcd
+            .call(
+                "put",
+                self.etcd
+                    .kv()
+                    .put(key, join_message(0, payload.as_bytes()), None),
+            )
+            .await?;
+        Ok(MessageId(resp.header().map_or(0, |h| h.revision()) as u64))
+    }
+
+    async fn pull(&self, options: PullOptions) -> Result<Option<Delivery>> {
+        if let Some(s) = &options.session {
+            s.check()?;
+        }
+        let deadline = tokio::time::Instant::now() + options.wait;
+        loop {
+            let (delivery, next_change, revision) = self.try_pull(&options).await?;
+            if delivery.is_some() {
+                return Ok(delivery);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let until = match next_change {
+                Some(at) => {
+                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+                    (now + wait).min(deadline)
+                }
+                None => deadline,
+            };
+            self.wait_for_change(revision, until).await;
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> Result<()> {
+        let Some((msg, claim)) = self.current(receipt).await? else {
+            return Ok(());
+        };
+        let ops = vec![
+            TxnOp::delete(msg.key().to_vec(), None),
+            TxnOp::delete(claim.key().to_vec(), None),
+        ];
+        if self.guarded(&msg, &claim, ops).await? {
+            Ok(())
+        } else {
+            Err(self.stale(receipt))
+        }
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<()> {
+        let Some((msg, claim)) = self.current(receipt).await? else {
+            return Err(Error::conflict(format!(
+                "delivery {receipt} of queue `{}` is no longer held (acked or dead-lettered)",
+                self.name
+            )));
+        };
+        let (attempts, _) = split_message(msg.value());
+        let snap_options = self.snapshot().await?.options;
+        if attempts >= snap_options.max_attempts {
+            return if self.dead_letter(&snap_options, &msg, Some(&claim)).await? {
+                Ok(())
+            } else {
+                Err(self.stale(receipt))
+            };
+        }
+        let ops = if delay.is_zero() {
+            vec![TxnOp::delete(claim.key().to_vec(), None)]
+        } else {
+            let at = now_ms() + delay.as_millis() as i64;
+            vec![TxnOp::put(
+                claim.key().to_vec(),
+                format!("{at}:{NOBODY}"),
+                None,
+            )]
+        };
+        if self.guarded(&msg, &claim, ops).await? {
+            Ok(())
+        } else {
+            Err(self.stale(receipt))
+        }
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility_timeout: Duration) -> Result<()> {
+        let Some((msg, claim)) = self.current(receipt).await? else {
+            return Err(Error::conflict(format!(
+                "delivery {receipt} of queue `{}` is no longer held (acked or dead-lettered)",
+                self.name
+            )));
+        };
+        let nonce = parse_claim(&claim).nonce;
+        let at = now_ms() + visibility_timeout.as_millis() as i64;
+        let lease = claim.lease();
+        let put = (lease != 0).then(|| etcd_client::PutOptions::new().with_lease(lease));
+        let ops = vec![TxnOp::put(
+            claim.key().to_vec(),
+            format!("{at}:{nonce}"),
+            put,
+        )];
+        if self.guarded(&msg, &claim, ops).await? {
+            Ok(())
+        } else {
+            Err(self.stale(receipt))
+        }
+    }
+
+    async fn depth(&self) -> Result<QueueDepth> {
+        let snap = self.snapshot().await?;
+        let now = now_ms();
+        let mut depth = QueueDepth::default();
+        for msg in &snap.messages {
+            let suffix = &msg.key()[self.messages.len()..];
+            let held = snap
+                .claims
+                .get(suffix)
+                .map(parse_claim)
+                .is_some_and(|c| c.visible_at > now && c.nonce != NOBODY);
+            if held {
+                depth.in_flight += 1;
+            } else {
+                depth.ready += 1;
+            }
+        }
+        Ok(depth)
+    }
+}

@@ -1,0 +1,450 @@
+//! The `dprim` command line: its definition (clap derive) and [`run`].
+
+use crate::commands::{self, Interrupts};
+use crate::exit::{Failure, EXIT_CODES_HELP};
+use crate::output::{self, Format, Out};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dprim::Version;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const ABOUT: &str = "Portable distributed primitives from the shell: kv, locks, elections, \
+pub/sub and queues on the backend named in a config file (default: the embedded in-memory \
+backend, whose state lasts only as long as one dprim process)";
+
+const LONG_ABOUT: &str = "\
+Portable distributed primitives from the shell: key-value storage, locks, leader
+elections, pub/sub and work queues, on whichever backend the config file names.
+
+The backend comes from the TOML file given with --config (or $DPRIM_CONFIG):
+
+    [backend]
+    kind = \"etcd\"                  # memory | etcd | zookeeper | nats
+    endpoints = [\"127.0.0.1:2379\"]
+    namespace = \"prod/payments\"    # every key lives under this path
+    session_ttl = \"10s\"            # default TTL for `dprim lock` and `dprim elect`
+
+Without a config, dprim uses the embedded in-memory backend. It lives inside the
+dprim process, so its state lasts only as long as that one invocation: a key
+written by one `dprim kv put` is gone when that command exits. It is meant for
+trying commands out and for `dprim conformance`; point --config at a real
+backend to share state between processes. `dprim check` shows which backend a
+config opens and what it can do.
+
+Keys are `/`-separated segments of A-Z a-z 0-9 - _ . (at most 16 segments and
+512 bytes); values are bytes, at most 256 KiB. Durations are written like
+500ms, 10s, 1m. Set DPRIM_LOG (e.g. DPRIM_LOG=debug) for diagnostic logs on stderr.";
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people.
+    Text,
+    /// One JSON object per line, for scripts.
+    Json,
+}
+
+/// The `dprim` command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "dprim",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES_HELP
+)]
+pub struct Cli {
+    /// Config file naming the backend. Without one, the embedded in-memory
+    /// backend is used (state lasts only as long as this process).
+    #[arg(
+        long,
+        global = true,
+        env = "DPRIM_CONFIG",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Read, write, list and watch keys.
+    Kv {
+        /// The kv command.
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+    /// Take a lock and hold it until Ctrl-C, or while running a command.
+    #[command(after_help = "\
+Examples:
+  dprim lock backups                       hold `backups` until Ctrl-C
+  dprim lock backups -- ./backup.sh        run ./backup.sh while holding it;
+                                           exit with its exit code
+
+The command gets the fencing token in $DPRIM_FENCING_TOKEN and the lock name in
+$DPRIM_LOCK. Ctrl-C (or SIGTERM) releases the lock; while a command runs, dprim
+first waits for the command to exit, and a second Ctrl-C kills it. If the lock's
+session is lost while the command runs, the command is killed (someone else may
+hold the lock now) and dprim exits 4.")]
+    Lock(LockArgs),
+    /// Campaign for leadership and hold it until Ctrl-C; or show the leader.
+    #[command(after_help = "\
+Examples:
+  dprim elect scheduler                    campaign; hold leadership until Ctrl-C
+  dprim elect scheduler host-a:8080        campaign with a value observers see
+  dprim elect scheduler --show             print the current leader (exit 1 if none)
+  dprim elect scheduler --observe          print leader changes as they happen
+
+Ctrl-C (or SIGTERM) resigns. If leadership is lost (the session could not be
+kept alive), dprim says so and exits 4.")]
+    Elect(ElectArgs),
+    /// Publish one message to a topic.
+    Pub(PubArgs),
+    /// Subscribe to a topic and print messages as they arrive.
+    Sub(SubArgs),
+    /// Push, pull, ack and count work-queue messages.
+    Queue {
+        /// The queue command.
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Validate the config, connect, and print the backend's capabilities.
+    Check,
+    /// Run the conformance suite against the configured backend.
+    #[command(after_help = "\
+Without --config the suite runs against the embedded in-memory backend. Each
+case prints a line as it finishes, then a summary table; report.json and
+report.md are written to --report. Exits 1 if any case failed.")]
+    Conformance(ConformanceArgs),
+}
+
+/// A value given as an argument, `-` for stdin, or `--file`.
+#[derive(Args, Debug)]
+pub struct ValueInput {
+    /// The value. `-` reads it from stdin.
+    #[arg(value_name = "VALUE", required_unless_present = "file")]
+    pub value: Option<String>,
+    /// Read the value from this file instead.
+    #[arg(long, value_name = "PATH", conflicts_with = "value")]
+    pub file: Option<PathBuf>,
+}
+
+/// A message given as an argument, `-` for stdin, or `--file`.
+#[derive(Args, Debug)]
+pub struct MessageInput {
+    /// The message. `-` reads it from stdin.
+    #[arg(value_name = "MESSAGE", required_unless_present = "file")]
+    pub message: Option<String>,
+    /// Read the message from this file instead.
+    #[arg(long, value_name = "PATH", conflicts_with = "message")]
+    pub file: Option<PathBuf>,
+}
+
+impl From<MessageInput> for ValueInput {
+    fn from(m: MessageInput) -> ValueInput {
+        ValueInput {
+            value: m.message,
+            file: m.file,
+        }
+    }
+}
+
+/// `dprim kv ...`
+#[derive(Subcommand, Debug)]
+pub enum KvCommand {
+    /// Print a key's value and version (exit 1 if the key does not exist).
+    Get {
+        /// The key.
+        key: String,
+        /// Print only the value's bytes, exactly as stored.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Write a key unconditionally; prints the new version.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        #[command(flatten)]
+        value: ValueInput,
+    },
+    /// Write a key only if it does not exist (exit 1 if it does); prints the version.
+    Create {
+        /// The key.
+        key: String,
+        /// The value.
+        #[command(flatten)]
+        value: ValueInput,
+    },
+    /// Write a key only if it is at VERSION (exit 1 otherwise); prints the new version.
+    Cas {
+        /// The key.
+        key: String,
+        /// The version the key must have, as printed by `dprim kv get`.
+        #[arg(id = "expected_version", value_name = "VERSION", value_parser = parse_version)]
+        version: Version,
+        /// The new value.
+        #[command(flatten)]
+        value: ValueInput,
+    },
+    /// Delete a key (only if it is at --version, when given).
+    Del {
+        /// The key.
+        key: String,
+        /// Delete only if the key is at this version (exit 1 otherwise).
+        #[arg(long = "version", id = "expected_version", value_name = "VERSION", value_parser = parse_version)]
+        version: Option<Version>,
+    },
+    /// List the keys in a directory.
+    Ls {
+        /// The directory; `/` (the default) is the namespace root.
+        #[arg(default_value = "/")]
+        dir: String,
+        /// List every key below DIR, not only its immediate children.
+        #[arg(long, short)]
+        recursive: bool,
+    },
+    /// Print changes of a key (or, with --dir, of every key under a directory).
+    Watch {
+        /// The key (or directory with --dir; `/` is the namespace root).
+        key: String,
+        /// Watch every key under KEY, at any depth.
+        #[arg(long)]
+        dir: bool,
+        /// Start after this version (including changes made before the
+        /// watch started); default: only changes from now on.
+        #[arg(long, value_parser = parse_version, value_name = "VERSION")]
+        from: Option<Version>,
+        /// Stop after this many events (default: until Ctrl-C).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+}
+
+/// `dprim lock NAME [-- CMD ARGS...]`
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// The lock's name (a key).
+    pub name: String,
+    /// Session TTL: how long the lock survives this process dying without
+    /// unlocking. Default: the config's `session_ttl`.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
+    /// How long to wait for the lock (exit 1 when it is not acquired in time).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Command to run while holding the lock.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `dprim elect NAME [VALUE]`
+#[derive(Args, Debug)]
+pub struct ElectArgs {
+    /// The election's name (a key).
+    pub name: String,
+    /// The value observers see for this leader. Default: `<host>:<pid>`.
+    #[arg(conflicts_with_all = ["show", "observe"])]
+    pub value: Option<String>,
+    /// Session TTL: how long leadership survives this process dying without
+    /// resigning. Default: the config's `session_ttl`.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", conflicts_with_all = ["show", "observe"])]
+    pub ttl: Option<Duration>,
+    /// Print the current leader instead of campaigning (exit 1 if there is none).
+    #[arg(long, conflicts_with = "observe")]
+    pub show: bool,
+    /// Print the leader, then every change, instead of campaigning.
+    #[arg(long)]
+    pub observe: bool,
+    /// With --observe: stop after this many updates.
+    #[arg(long, value_name = "N", requires = "observe")]
+    pub count: Option<u64>,
+}
+
+/// `dprim pub TOPIC MESSAGE`
+#[derive(Args, Debug)]
+pub struct PubArgs {
+    /// The topic (a key).
+    pub topic: String,
+    /// The message.
+    #[command(flatten)]
+    pub message: MessageInput,
+}
+
+/// `dprim sub TOPIC`
+#[derive(Args, Debug)]
+pub struct SubArgs {
+    /// The topic (a key).
+    pub topic: String,
+    /// Stop after this many messages (default: until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// `dprim queue ...`
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Add a message; prints its id.
+    Push {
+        /// The queue (a key).
+        queue: String,
+        /// The message.
+        #[command(flatten)]
+        message: MessageInput,
+    },
+    /// Take the next message; prints id, attempt, receipt and payload (exit 1 if empty).
+    Pull {
+        /// The queue (a key).
+        queue: String,
+        /// How long the message stays invisible to other consumers unless
+        /// acked or nacked.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+        visibility: Duration,
+        /// How long to wait for a message when the queue is empty.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s", value_name = "DURATION")]
+        wait: Duration,
+        /// Acknowledge the message at once (remove it for good).
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Acknowledge a delivery: the message is removed for good.
+    Ack {
+        /// The queue (a key).
+        queue: String,
+        /// The receipt printed by `dprim queue pull`.
+        receipt: String,
+    },
+    /// Give a delivery back; it becomes visible again after --delay.
+    Nack {
+        /// The queue (a key).
+        queue: String,
+        /// The receipt printed by `dprim queue pull`.
+        receipt: String,
+        /// How long before the message may be delivered again.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s", value_name = "DURATION")]
+        delay: Duration,
+    },
+    /// Print how many messages are ready and in flight.
+    Depth {
+        /// The queue (a key).
+        queue: String,
+    },
+}
+
+/// `dprim conformance`
+#[derive(Args, Debug)]
+pub struct ConformanceArgs {
+    /// Directory to write report.json and report.md to.
+    #[arg(long, value_name = "DIR", default_value = "conformance-report")]
+    pub report: PathBuf,
+    /// Run only cases whose name contains this text (e.g. `kv::`).
+    #[arg(long, value_name = "SUBSTR")]
+    pub filter: Option<String>,
+    /// Fail a case that runs longer than this. Default: the suite's own.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub case_timeout: Option<Duration>,
+}
+
+fn parse_version(s: &str) -> Result<Version, String> {
+    s.parse::<Version>().map_err(|e| e.message().to_string())
+}
+
+/// What every command gets: where the config is and how to print.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) out: Out,
+    pub(crate) interrupts: Interrupts,
+}
+
+/// Runs one parsed command line and returns the process exit code. Errors
+/// are printed to stderr (as JSON with `--output json`).
+pub async fn run(cli: Cli) -> u8 {
+    let ctx = Ctx {
+        interrupts: Interrupts::install(),
+        config: cli.config,
+        out: Out {
+            format: match cli.output {
+                OutputFormat::Text => Format::Text,
+                OutputFormat::Json => Format::Json,
+            },
+        },
+    };
+    match commands::dispatch(&ctx, cli.command).await {
+        Ok(code) => code,
+        Err(failure) => {
+            report(&ctx.out, &failure);
+            failure.code()
+        }
+    }
+}
+
+/// Prints a failure to stderr.
+pub(crate) fn report(out: &Out, failure: &Failure) {
+    if failure.is_silent() {
+        return;
+    }
+    if out.is_json() {
+        output::note(&failure.to_json().to_string());
+    } else {
+        output::note(&failure.to_string());
+    }
+}
+
+/// Sends `tracing` output to stderr, filtered by `DPRIM_LOG` (default `warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DPRIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_lock_with_command() {
+        let cli = Cli::try_parse_from([
+            "dprim", "lock", "jobs", "--ttl", "5s", "--", "sh", "-c", "true",
+        ])
+        .unwrap();
+        let Command::Lock(args) = cli.command else {
+            panic!("not a lock command");
+        };
+        assert_eq!(args.ttl, Some(Duration::from_secs(5)));
+        assert_eq!(args.command, ["sh", "-c", "true"]);
+    }
+
+    #[test]
+    fn version_arguments_parse() {
+        let cli = Cli::try_parse_from(["dprim", "kv", "cas", "k", "7", "v"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Kv { command: KvCommand::Cas { version, .. } } if version.get() == 7
+        ));
+        assert!(Cli::try_parse_from(["dprim", "kv", "cas", "k", "0", "v"]).is_err());
+        let cli = Cli::try_parse_from(["dprim", "kv", "del", "k", "--version", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Kv { command: KvCommand::Del { version: Some(v), .. } } if v.get() == 3
+        ));
+    }
+}
