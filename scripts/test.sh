@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the tests need and runs every test: unit and integration
-# tests of the whole workspace, then the conformance suite against each
-# backend this build includes, with its report written to
-# $CARGO_TARGET_DIR/conformance-report/<backend>/.
+# Installs what the tests need, starts the backend servers on loopback, and
+# runs every test: the workspace's unit and integration tests, then the
+# conformance suite against every backend (memory and a real etcd), with
+# reports written to $CARGO_TARGET_DIR/conformance-report/<backend>/.
+# Servers this script started are stopped when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,9 +15,22 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 2
 fi
 
-echo "==> cargo test --workspace"
-cargo test --workspace --locked
+echo "==> installing servers and build tools"
+scripts/etcd.sh install
 
-echo "==> conformance suite: memory"
-cargo run --locked -q -p dprim-runtime --bin dprim -- \
-    conformance --report "$CARGO_TARGET_DIR/conformance-report/memory"
+echo "==> starting etcd (single node, 127.0.0.1:2379)"
+trap 'scripts/etcd.sh stop' EXIT
+scripts/etcd.sh start
+
+echo "==> cargo test --workspace"
+DPRIM_TEST_ETCD=127.0.0.1:2379 cargo test --workspace --locked
+
+dprim="$CARGO_TARGET_DIR/debug/dprim"
+for backend in memory etcd; do
+    echo "==> conformance suite: $backend"
+    config=()
+    if [ "$backend" != memory ]; then
+        config=(--config "conformance-tests/configs/$backend.toml")
+    fi
+    "$dprim" "${config[@]}" conformance --report "$CARGO_TARGET_DIR/conformance-report/$backend"
+done

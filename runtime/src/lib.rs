@@ -32,7 +32,10 @@ use std::path::Path;
 /// This is the one place a backend is linked in: adding a backend means one
 /// `register` line here (behind its cargo feature).
 pub fn registry() -> Registry {
-    Registry::new().register("memory", dprim_memory::constructor())
+    let registry = Registry::new().register("memory", dprim_memory::constructor());
+    #[cfg(feature = "etcd")]
+    let registry = registry.register("etcd", dprim_etcd::constructor());
+    registry
 }
 
 /// Reads and validates the config file, or returns the embedded in-memory

@@ -8,6 +8,7 @@
 //! <ns>/!queue/<name>/!m/<id>           queue messages
 //! <ns>/!queue/<name>/!c/<id>           claims (in-flight deliveries)
 //! <ns>/!queue/<name>/!options          queue options
+//! <ns>/!queue/<name>/!f/<queue>        <queue> dead-letters into <name>
 //! ```
 //! `!` is not in the portable key grammar, so no app key, name or nested
 //! namespace can produce these paths.
@@ -68,6 +69,11 @@ impl Layout {
 
     pub(crate) fn queue_claims(&self, queue: &Key) -> Vec<u8> {
         format!("{}!queue/{}/!c/", self.root, queue.as_str()).into_bytes()
+    }
+
+    /// Markers naming the queues that dead-letter into `queue`.
+    pub(crate) fn queue_feeders(&self, queue: &Key) -> Vec<u8> {
+        format!("{}!queue/{}/!f/", self.root, queue.as_str()).into_bytes()
     }
 
     pub(crate) fn queue_options(&self, queue: &Key) -> Vec<u8> {

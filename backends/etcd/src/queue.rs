@@ -57,15 +57,30 @@ fn decode_options(raw: &[u8], name: &Key) -> QueueOptions {
 impl Queues for EtcdQueues {
     async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>> {
         QueueOptions::default().dead_letter_for(name)?;
-        if let Some(options) = options {
-            options.validate(name)?;
-            let raw = encode_options(&options, name)?;
-            let key = self.etcd.layout.queue_options(name);
-            self.etcd
-                .call("put", self.etcd.kv().put(key, raw, None))
-                .await?;
-        }
-        Ok(Arc::new(EtcdQueue::new(self.etcd.clone(), name.clone())))
+        let queue = EtcdQueue::new(self.etcd.clone(), name.clone());
+        let effective = match options {
+            Some(options) => {
+                options.validate(name)?;
+                let raw = encode_options(&options, name)?;
+                let key = self.etcd.layout.queue_options(name);
+                self.etcd
+                    .call("put", self.etcd.kv().put(key, raw, None))
+                    .await?;
+                options
+            }
+            None => queue.snapshot().await?.options,
+        };
+        // Tell the dead-letter queue who feeds it, so using it sweeps dead
+        // messages out of feeders nobody touches any more.
+        let mut marker = self
+            .etcd
+            .layout
+            .queue_feeders(&effective.dead_letter_for(name)?);
+        marker.extend_from_slice(name.as_str().as_bytes());
+        self.etcd
+            .call("put", self.etcd.kv().put(marker, Vec::new(), None))
+            .await?;
+        Ok(Arc::new(queue))
     }
 }
 
@@ -221,14 +236,57 @@ impl EtcdQueue {
             .succeeded())
     }
 
+    /// Dead-letters every visible message of each feeding queue that used
+    /// up its attempts; returns the earliest moment a feeder's in-flight
+    /// delivery may time out (and so need sweeping).
+    async fn sweep_feeders(&self) -> Result<Option<i64>> {
+        let prefix = self.etcd.layout.queue_feeders(&self.name);
+        let options = GetOptions::new()
+            .with_range(prefix_end(&prefix))
+            .with_keys_only();
+        let resp = self
+            .etcd
+            .call("get", self.etcd.kv().get(prefix.clone(), Some(options)))
+            .await?;
+        let mut next: Option<i64> = None;
+        for kv in resp.kvs() {
+            let Some(feeder) = std::str::from_utf8(&kv.key()[prefix.len()..])
+                .ok()
+                .and_then(|k| Key::new(k).ok())
+            else {
+                continue;
+            };
+            let queue = EtcdQueue::new(self.etcd.clone(), feeder);
+            let snap = queue.snapshot().await?;
+            if snap.options.dead_letter_for(&queue.name).ok().as_ref() != Some(&self.name) {
+                continue;
+            }
+            let now = now_ms();
+            for msg in &snap.messages {
+                let claim = snap.claims.get(&msg.key()[queue.messages.len()..]);
+                match claim.map(parse_claim) {
+                    Some(c) if c.visible_at > now => {
+                        next = Some(next.map_or(c.visible_at, |n| n.min(c.visible_at)));
+                    }
+                    _ => {
+                        if split_message(msg.value()).0 >= snap.options.max_attempts {
+                            queue.dead_letter(&snap.options, msg, claim).await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(next)
+    }
+
     /// One pass over the queue: claims the first visible message.
     async fn try_pull(
         &self,
         options: &PullOptions,
     ) -> Result<(Option<Delivery>, Option<i64>, i64)> {
+        let mut next_change = self.sweep_feeders().await?;
         let snap = self.snapshot().await?;
         let now = now_ms();
-        let mut next_change: Option<i64> = None;
         for msg in &snap.messages {
             let suffix = &msg.key()[self.messages.len()..];
             let claim = snap.claims.get(suffix);
@@ -490,6 +548,7 @@ impl Queue for EtcdQueue {
     }
 
     async fn depth(&self) -> Result<QueueDepth> {
+        self.sweep_feeders().await?;
         let snap = self.snapshot().await?;
         let now = now_ms();
         let mut depth = QueueDepth::default();

@@ -868,18 +868,21 @@ impl State {
     /// queue dead-lettering into it, so a dead message shows up in its
     /// dead-letter queue even if nobody touches the original queue again.
     fn tick(&mut self, name: &Key) {
-        let feeders: Vec<Key> = self
-            .queues
+        for q in self.feeders(name) {
+            self.tick_one(&q);
+        }
+        self.tick_one(name);
+    }
+
+    /// Queues whose dead-letter queue is `name`.
+    fn feeders(&self, name: &Key) -> Vec<Key> {
+        self.queues
             .iter()
             .filter(|(q, state)| {
                 *q != name && state.options.dead_letter_for(q).ok().as_ref() == Some(name)
             })
             .map(|(q, _)| q.clone())
-            .collect();
-        for q in feeders {
-            self.tick_one(&q);
-        }
-        self.tick_one(name);
+            .collect()
     }
 
     fn tick_one(&mut self, name: &Key) {
@@ -963,9 +966,14 @@ impl State {
                 receipt: Receipt(format!("{id}.{seq}")),
             }));
         }
-        let next_change = q
-            .messages
-            .values()
+        // A delivery timing out in a feeding queue may dead-letter a message
+        // into this one: wake up for those deadlines too.
+        let next_change = self
+            .feeders(name)
+            .iter()
+            .chain([name])
+            .filter_map(|q| self.queues.get(q))
+            .flat_map(|q| q.messages.values())
             .filter_map(|m| match m.status {
                 MsgStatus::Delayed(t) => Some(t),
                 MsgStatus::InFlight { deadline, .. } => Some(deadline),
