@@ -4,6 +4,7 @@
 #   scripts/etcd.sh install          apt-get etcd-server, etcd-client, protobuf-compiler
 #   scripts/etcd.sh start            single node, client port 2379
 #   scripts/etcd.sh start-cluster    3 members, client ports 12379 22379 32379
+#   scripts/etcd.sh restart-member N restart cluster member cN (after a kill), keeping its data
 #   scripts/etcd.sh stop             stop whatever this script started
 #
 # Data and pid files live under $DPRIM_SERVERS_DIR (default /tmp/dprim-servers).
@@ -23,13 +24,13 @@ install() {
 }
 
 wait_healthy() { # url
-    for _ in $(seq 1 100); do
+    for _ in $(seq 1 200); do
         if curl -fsS "$1/health" 2>/dev/null | grep -q '"health":"true"'; then
             return 0
         fi
         sleep 0.1
     done
-    echo "error: etcd at $1 did not become healthy within 10 s; see $DIR/*.log" >&2
+    echo "error: etcd at $1 did not become healthy within 20 s; see $DIR/*.log" >&2
     return 1
 }
 
@@ -71,6 +72,13 @@ start_cluster() {
     echo "etcd cluster ready on 127.0.0.1:12379,22379,32379"
 }
 
+restart_member() { # c1 | c2 | c3
+    local name=$1 i=${1#c}
+    local cluster="c1=http://127.0.0.1:12380,c2=http://127.0.0.1:22380,c3=http://127.0.0.1:32380"
+    member "$name" "${i}2379" "${i}2380" "$cluster"
+    wait_healthy "http://127.0.0.1:${i}2379"
+}
+
 stop() {
     shopt -s nullglob
     for pidfile in "$DIR"/*.pid; do
@@ -83,6 +91,7 @@ case "${1:-}" in
     install) install ;;
     start) start ;;
     start-cluster) start_cluster ;;
+    restart-member) restart_member "${2:?member name (c1, c2 or c3)}" ;;
     stop) stop ;;
-    *) echo "usage: $0 install|start|start-cluster|stop" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|start-cluster|restart-member N|stop" >&2; exit 2 ;;
 esac

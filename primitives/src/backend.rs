@@ -7,6 +7,7 @@ use crate::kv::Kv;
 use crate::lock::Locks;
 use crate::pubsub::PubSub;
 use crate::queue::Queues;
+use crate::retry::{RetryPolicy, RetryingKv};
 use crate::session::{SessionId, Sessions};
 use async_trait::async_trait;
 use std::fmt;
@@ -57,8 +58,11 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Assembles a backend (for backend crates).
-    pub fn new(parts: BackendParts) -> Backend {
+    /// Assembles a backend (for backend crates). Kv calls go through the
+    /// retry layer ([`crate::retry`]) with the default policy, so apps do
+    /// not see temporary failures it could have hidden.
+    pub fn new(mut parts: BackendParts) -> Backend {
+        parts.kv = Arc::new(RetryingKv::new(parts.kv, RetryPolicy::default()));
         Backend {
             parts: Arc::new(parts),
         }

@@ -18,6 +18,7 @@
 //! - [`tasks`]: launching processes on agents ([`Tasks`]; implemented in `dprim-runtime`).
 //! - [`capabilities`]: what each backend declares it can do.
 //! - [`config`]: the TOML config file; [`registry`]: `kind` -> constructor.
+//! - [`retry`]: the one retry layer for `temporary` errors.
 //! - [`backend`]: [`Backend`], the handle bundling all primitives of one backend instance.
 #![deny(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod lock;
 pub mod pubsub;
 pub mod queue;
 pub mod registry;
+pub mod retry;
 pub mod session;
 pub mod tasks;
 
