@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, starts the backend servers on loopback, and
 # runs every test: the workspace's unit and integration tests, then the
-# conformance suite against every backend (memory and a real etcd), with
+# conformance suite against every backend (memory, and real etcd, ZooKeeper
+# and NATS servers), with
 # reports written to $CARGO_TARGET_DIR/conformance-report/<backend>/.
 # Servers this script started are stopped when it exits.
 set -euo pipefail
@@ -17,16 +18,22 @@ fi
 
 echo "==> installing servers and build tools"
 scripts/etcd.sh install
+scripts/zookeeper.sh install
+scripts/nats.sh install
 
+trap 'scripts/etcd.sh stop; scripts/zookeeper.sh stop; scripts/nats.sh stop' EXIT
 echo "==> starting etcd (single node, 127.0.0.1:2379)"
-trap 'scripts/etcd.sh stop' EXIT
 scripts/etcd.sh start
+echo "==> starting ZooKeeper (standalone, 127.0.0.1:2181)"
+scripts/zookeeper.sh start
+echo "==> starting nats-server (JetStream, 127.0.0.1:4222)"
+scripts/nats.sh start
 
 echo "==> cargo test --workspace"
 DPRIM_TEST_ETCD=127.0.0.1:2379 cargo test --workspace --locked
 
 dprim="$CARGO_TARGET_DIR/debug/dprim"
-for backend in memory etcd; do
+for backend in memory etcd zookeeper nats; do
     echo "==> conformance suite: $backend"
     config=()
     if [ "$backend" != memory ]; then

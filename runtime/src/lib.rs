@@ -35,6 +35,10 @@ pub fn registry() -> Registry {
     let registry = Registry::new().register("memory", dprim_memory::constructor());
     #[cfg(feature = "etcd")]
     let registry = registry.register("etcd", dprim_etcd::constructor());
+    #[cfg(feature = "zookeeper")]
+    let registry = registry.register("zookeeper", dprim_zookeeper::constructor());
+    #[cfg(feature = "nats")]
+    let registry = registry.register("nats", dprim_nats::constructor());
     registry
 }
 

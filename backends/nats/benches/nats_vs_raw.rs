@@ -1,0 +1,349 @@
+//! dprim-nats against raw async-nats, in one run, on one server:
+//! - KV put, get and CAS: sequential p50 latency and throughput with 64
+//!   requests in flight (raw: the async-nats KV store on the same bucket);
+//! - pub/sub: 1M x 128 B published by one client, received by one
+//!   subscriber (messages received per second);
+//! - queue: push (64 in flight), then pull + ack by 64 workers (raw: a
+//!   JetStream work-queue stream with a durable pull consumer, double ack).
+//!
+//! `scripts/nats.sh start && cargo bench -p dprim-nats --bench nats_vs_raw`
+//! (DPRIM_BENCH_NATS=host:port picks another server; DPRIM_BENCH_OPS the
+//! number of KV operations per measurement, DPRIM_BENCH_MESSAGES the pub/sub
+//! message count, DPRIM_BENCH_QUEUE the queue message count).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use dprim::{Config, Key, KvExt, PullOptions, SubscriptionItem, Value};
+use futures::StreamExt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VALUE: [u8; 128] = [b'x'; 128];
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn sequential<F, Fut>(n: usize, mut f: F) -> Duration
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f(i).await;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    lat[n / 2]
+}
+
+async fn concurrent<F, Fut>(n: usize, f: F) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (f, next) = (f.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                f(i).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn ratio_row(op: &str, raw: (Duration, f64), ours: (Duration, f64)) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "| {op} | {:.3} | {:.3} | {:.3}x | {:.0} | {:.0} | {:.3}x |",
+        ms(raw.0),
+        ms(ours.0),
+        ms(ours.0) / ms(raw.0),
+        raw.1,
+        ours.1,
+        ours.1 / raw.1
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let addr = std::env::var("DPRIM_BENCH_NATS").unwrap_or_else(|_| "127.0.0.1:4222".into());
+    let ops = env("DPRIM_BENCH_OPS", 2000);
+    let config = Config::from_toml(&format!(
+        "[backend]\nkind = \"nats\"\nendpoints = [\"{addr}\"]\nnamespace = \"bench-{}\"\n",
+        std::process::id()
+    ))
+    .unwrap();
+    let backend = dprim_nats::connect(&config.backend).await.unwrap();
+    let client = async_nats::connect(addr.as_str()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let store = js.get_key_value("dprim").await.unwrap();
+    let raw_key = |i: usize| format!("rawbench{}.k{}", std::process::id(), i % 256);
+    let key = |i: usize| Key::new(format!("b/k{}", i % 256)).unwrap();
+    for i in 0..256 {
+        store
+            .put(raw_key(i), Bytes::from_static(&VALUE))
+            .await
+            .unwrap();
+        backend
+            .kv()
+            .put(&key(i), Value::new(VALUE.to_vec()).unwrap())
+            .await
+            .unwrap();
+    }
+
+    println!(
+        "| op | raw p50 ms | dprim p50 ms | ratio | raw ops/s (64) | dprim ops/s (64) | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for op in ["put", "get", "CAS"] {
+        let mut best_raw = (Duration::MAX, 0f64);
+        let mut best_ours = (Duration::MAX, 0f64);
+        for _ in 0..3 {
+            let s = store.clone();
+            let raw_seq = sequential(ops, |i| {
+                let s = s.clone();
+                async move { raw_op(&s, op, &raw_key(i)).await }
+            })
+            .await;
+            let s = store.clone();
+            let raw_tp = concurrent(ops * 4, move |i| {
+                let s = s.clone();
+                async move { raw_op(&s, op, &raw_key(i)).await }
+            })
+            .await;
+            let b = backend.clone();
+            let ours_seq = sequential(ops, |i| {
+                let b = b.clone();
+                async move { dprim_op(&b, op, &key(i)).await }
+            })
+            .await;
+            let b = backend.clone();
+            let ours_tp = concurrent(ops * 4, move |i| {
+                let b = b.clone();
+                async move { dprim_op(&b, op, &key(i)).await }
+            })
+            .await;
+            best_raw = (best_raw.0.min(raw_seq), best_raw.1.max(raw_tp));
+            best_ours = (best_ours.0.min(ours_seq), best_ours.1.max(ours_tp));
+        }
+        ratio_row(op, best_raw, best_ours);
+    }
+
+    // Pub/sub: messages received per second by one subscriber.
+    let messages = env("DPRIM_BENCH_MESSAGES", 1_000_000);
+    let raw_rate = {
+        let subject = format!("rawbench.{}", std::process::id());
+        let mut sub = client.subscribe(subject.clone()).await.unwrap();
+        client.flush().await.unwrap();
+        let publisher = async_nats::connect(addr.as_str()).await.unwrap();
+        let t = Instant::now();
+        let p = tokio::spawn(async move {
+            for _ in 0..messages {
+                publisher
+                    .publish(subject.clone(), Bytes::from_static(&VALUE))
+                    .await
+                    .unwrap();
+            }
+            publisher.flush().await.unwrap();
+        });
+        let mut got = 0usize;
+        while got < messages {
+            match tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+                Ok(Some(_)) => got += 1,
+                _ => break,
+            }
+        }
+        p.await.unwrap();
+        got as f64 / t.elapsed().as_secs_f64()
+    };
+    let ours_rate = {
+        let topic = Key::new("bench/topic").unwrap();
+        let mut sub = backend.pubsub().subscribe(&topic).await.unwrap();
+        let publisher = dprim_nats::connect(&config.backend).await.unwrap();
+        let t = Instant::now();
+        let tp = topic.clone();
+        let p = tokio::spawn(async move {
+            for _ in 0..messages {
+                publisher
+                    .pubsub()
+                    .publish(&tp, Value::new(VALUE.to_vec()).unwrap())
+                    .await
+                    .unwrap();
+            }
+            publisher
+        });
+        let mut got = 0usize;
+        while got < messages {
+            match tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+                Ok(Some(Ok(SubscriptionItem::Message(_)))) => got += 1,
+                Ok(Some(Ok(SubscriptionItem::Lagged(n)))) => got += n as usize,
+                _ => break,
+            }
+        }
+        drop(p.await.unwrap());
+        got as f64 / t.elapsed().as_secs_f64()
+    };
+    println!();
+    println!("| pub/sub {messages} x 128 B | raw msgs/s | dprim msgs/s | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| one subscriber | {raw_rate:.0} | {ours_rate:.0} | {:.3}x |",
+        ours_rate / raw_rate
+    );
+
+    // Queue: push N with 64 in flight, then 64 workers pull + ack.
+    let n = env("DPRIM_BENCH_QUEUE", 5000);
+    let raw_stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("RAWBENCH{}", std::process::id()),
+            subjects: vec![format!("rawbenchq{}", std::process::id())],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let raw_consumer: jetstream::consumer::PullConsumer = raw_stream
+        .get_or_create_consumer(
+            "bench",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("bench".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let raw_subject = format!("rawbenchq{}", std::process::id());
+    let js2 = js.clone();
+    let raw_push = concurrent(n, move |_| {
+        let (js, s) = (js2.clone(), raw_subject.clone());
+        async move {
+            js.publish(s, Bytes::from_static(&VALUE))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let c = raw_consumer.clone();
+    let raw_drain = concurrent(n, move |_| {
+        let c = c.clone();
+        async move {
+            loop {
+                let mut batch = c.fetch().max_messages(1).messages().await.unwrap();
+                if let Some(Ok(m)) = batch.next().await {
+                    m.double_ack().await.unwrap();
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let q = backend
+        .queues()
+        .open(&Key::new("bench/q").unwrap(), None)
+        .await
+        .unwrap();
+    let q2 = q.clone();
+    let ours_push = concurrent(n, move |_| {
+        let q = q2.clone();
+        async move {
+            q.push(Value::new(VALUE.to_vec()).unwrap()).await.unwrap();
+        }
+    })
+    .await;
+    let q2 = q.clone();
+    let ours_drain = concurrent(n, move |_| {
+        let q = q2.clone();
+        async move {
+            loop {
+                if let Some(d) = q.pull(PullOptions::default()).await.unwrap() {
+                    q.ack(&d.receipt).await.unwrap();
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let both = |push: f64, drain: f64| n as f64 / (n as f64 / push + n as f64 / drain);
+    println!();
+    println!("| queue {n} x 128 B | raw msgs/s | dprim msgs/s | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| push (64 in flight) | {raw_push:.0} | {ours_push:.0} | {:.3}x |",
+        ours_push / raw_push
+    );
+    println!(
+        "| pull + ack (64 workers) | {raw_drain:.0} | {ours_drain:.0} | {:.3}x |",
+        ours_drain / raw_drain
+    );
+    println!(
+        "| push + pull + ack | {:.0} | {:.0} | {:.3}x |",
+        both(raw_push, raw_drain),
+        both(ours_push, ours_drain),
+        both(ours_push, ours_drain) / both(raw_push, raw_drain)
+    );
+    let _ = js
+        .delete_stream(format!("RAWBENCH{}", std::process::id()))
+        .await;
+}
+
+async fn raw_op(s: &jetstream::kv::Store, op: &str, k: &str) {
+    match op {
+        "put" => {
+            s.put(k, Bytes::from_static(&VALUE)).await.unwrap();
+        }
+        "get" => {
+            s.get(k).await.unwrap();
+        }
+        _ => loop {
+            let e = s.entry(k).await.unwrap().unwrap();
+            if s.update(k, Bytes::from_static(&VALUE), e.revision)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        },
+    }
+}
+
+async fn dprim_op(b: &dprim::Backend, op: &str, k: &Key) {
+    let v = || Value::new(VALUE.to_vec()).unwrap();
+    match op {
+        "put" => {
+            b.kv().put(k, v()).await.unwrap();
+        }
+        "get" => {
+            b.kv().get(k).await.unwrap();
+        }
+        _ => loop {
+            let e = b.kv().get(k).await.unwrap().unwrap();
+            if b.kv().put_if_version(k, v(), e.version).await.is_ok() {
+                return;
+            }
+        },
+    }
+}

@@ -1,0 +1,335 @@
+//! Records on the KV bucket's stream, read and written with the plain
+//! JetStream API so every record can carry headers (the owning session, a
+//! line entry's original sequence) and every write can be conditional on
+//! the subject's last sequence (`Nats-Expected-Last-Subject-Sequence`).
+
+use crate::error::map_error;
+use crate::Nats;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dprim::{Error, ErrorKind, Result};
+use futures::StreamExt;
+use std::time::Duration;
+
+/// Header naming the session an ephemeral record belongs to (hex).
+pub(crate) const SESSION_HEADER: &str = "Dprim-Session";
+/// Header carrying a line entry's first sequence across rewrites.
+pub(crate) const TERM_HEADER: &str = "Dprim-Term";
+const OPERATION: &str = "KV-Operation";
+const MARKER_REASON: &str = "Nats-Marker-Reason";
+/// How long the markers of removed internal records stay in the bucket.
+const INTERNAL_MARKER_TTL: Duration = Duration::from_secs(60);
+/// How long a scan waits for a record it was told about but that may have
+/// expired meanwhile.
+const SCAN_IDLE: Duration = Duration::from_millis(300);
+
+/// One message of the bucket.
+#[derive(Clone, Debug)]
+pub(crate) struct Record {
+    pub(crate) subject: String,
+    pub(crate) seq: u64,
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<HeaderMap>,
+}
+
+impl Record {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// A delete or purge marker, or the server's marker of an expired record.
+    pub(crate) fn is_deleted(&self) -> bool {
+        matches!(self.header(OPERATION), Some("DEL") | Some("PURGE"))
+            || self.header(MARKER_REASON).is_some()
+    }
+
+    pub(crate) fn session(&self) -> Option<u64> {
+        self.header(SESSION_HEADER)
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+    }
+
+    /// The sequence the record's line entry was first written at.
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.header(TERM_HEADER)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(self.seq)
+    }
+
+    fn from_message(m: &async_nats::jetstream::Message) -> Result<Record> {
+        let info = m
+            .info()
+            .map_err(|e| Error::unexpected(format!("NATS sent a message without metadata: {e}")))?;
+        Ok(Record {
+            subject: m.subject.to_string(),
+            seq: info.stream_sequence,
+            payload: m.payload.clone(),
+            headers: m.headers.clone(),
+        })
+    }
+}
+
+/// Headers of an owned (ephemeral) record.
+pub(crate) fn owned(session: Option<u64>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(s) = session {
+        h.insert(SESSION_HEADER, format!("{s:016x}"));
+    }
+    h
+}
+
+impl Nats {
+    /// Awaits `f` for at most the request timeout, mapping errors.
+    pub(crate) async fn call<T, E, F>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, E>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match tokio::time::timeout(self.request_timeout, f).await {
+            Ok(r) => r.map_err(|e| map_error(what, e)),
+            Err(_) => Err(crate::error::timed_out(what, self.request_timeout)),
+        }
+    }
+
+    /// The last message of `subject`, deleted or not; `None` if there is none.
+    pub(crate) async fn last_any(&self, subject: &str) -> Result<Option<Record>> {
+        match self
+            .call("get", self.kv.direct_get_last_for_subject(subject))
+            .await
+        {
+            Ok(m) => Ok(Some(Record {
+                subject: m.subject.to_string(),
+                seq: m.sequence,
+                payload: m.payload,
+                headers: Some(m.headers),
+            })),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The live record of `subject`; `None` if missing or deleted.
+    pub(crate) async fn last(&self, subject: &str) -> Result<Option<Record>> {
+        Ok(self.last_any(subject).await?.filter(|r| !r.is_deleted()))
+    }
+
+    /// Publishes a record; with `expect`, only if the subject's last
+    /// sequence is exactly that (0: the subject has no message). Returns the
+    /// new sequence; a failed expectation is `Conflict`.
+    pub(crate) async fn write(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: HeaderMap,
+        expect: Option<u64>,
+    ) -> Result<u64> {
+        let mut publish = PublishMessage::build().payload(payload).headers(headers);
+        if let Some(seq) = expect {
+            publish = publish.expected_last_subject_sequence(seq);
+        }
+        let ack = self
+            .call(
+                "publish",
+                self.js.send_publish(subject.to_string(), publish),
+            )
+            .await?;
+        Ok(self
+            .call("publish", std::future::IntoFuture::into_future(ack))
+            .await?
+            .sequence)
+    }
+
+    /// Writes a delete marker (`KV-Operation: DEL`): the key's history stays.
+    pub(crate) async fn delete_marker(&self, subject: &str, expect: Option<u64>) -> Result<u64> {
+        let mut h = HeaderMap::new();
+        h.insert(OPERATION, "DEL");
+        self.write(subject, Bytes::new(), h, expect).await
+    }
+
+    /// Removes an internal record and its history, leaving a marker that
+    /// itself expires.
+    pub(crate) async fn purge(&self, subject: &str, expect: Option<u64>) -> Result<u64> {
+        let mut h = HeaderMap::new();
+        h.insert(OPERATION, "PURGE");
+        h.insert("Nats-Rollup", "sub");
+        h.insert("Nats-TTL", INTERNAL_MARKER_TTL.as_secs().to_string());
+        self.write(subject, Bytes::new(), h, expect).await
+    }
+
+    /// The stream's last sequence.
+    pub(crate) async fn last_seq(&self) -> Result<(u64, u64)> {
+        let info = self.call("stream info", self.kv.get_info()).await?;
+        Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// The latest record of every subject matching `filter` (deleted ones
+    /// included), in stream order, plus a revision R such that every later
+    /// change of a matching subject has a sequence greater than R and every
+    /// returned record's sequence is at most R.
+    pub(crate) async fn scan(&self, filter: &str) -> Result<(Vec<Record>, u64)> {
+        let (_, before) = self.last_seq().await?;
+        let consumer = self
+            .call(
+                "list",
+                self.kv.create_consumer(OrderedConfig {
+                    filter_subject: filter.to_string(),
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok((Vec::new(), before));
+        }
+        let mut expected = consumer.cached_info().num_pending;
+        let mut messages = self.call("list", consumer.messages()).await?;
+        let mut records = Vec::new();
+        let mut revision = before;
+        loop {
+            // A record counted at creation may expire (per-message TTL)
+            // before it is delivered; once everything older than the start
+            // point is in, a short silence ends the scan.
+            let idle = if revision >= before || expected == 0 {
+                SCAN_IDLE
+            } else {
+                self.request_timeout
+            };
+            let m = match tokio::time::timeout(idle, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(map_error("list", e)),
+                Ok(None) => break,
+                Err(_) if idle == SCAN_IDLE => break,
+                Err(_) => return Err(crate::error::timed_out("list", self.request_timeout)),
+            };
+            let pending = m.info().map(|i| i.pending).unwrap_or(0);
+            expected = pending;
+            let record = Record::from_message(&m)?;
+            revision = revision.max(record.seq);
+            records.push(record);
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok((records, revision))
+    }
+
+    /// The live latest records matching `filter`.
+    pub(crate) async fn scan_live(&self, filter: &str) -> Result<(Vec<Record>, u64)> {
+        let (records, rev) = self.scan(filter).await?;
+        Ok((
+            records.into_iter().filter(|r| !r.is_deleted()).collect(),
+            rev,
+        ))
+    }
+
+    /// Follows every change of subjects matching `filter`, from sequence
+    /// `from` (inclusive) or, with `None`, from now on.
+    pub(crate) async fn follow(
+        &self,
+        filter: &str,
+        from: Option<u64>,
+    ) -> Result<impl futures::Stream<Item = Result<Record>> + Send + 'static> {
+        let deliver_policy = match from {
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            None => DeliverPolicy::New,
+        };
+        let consumer = self
+            .call(
+                "watch",
+                self.kv.create_consumer(OrderedConfig {
+                    filter_subject: filter.to_string(),
+                    deliver_policy,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        let messages = self.call("watch", consumer.messages()).await?;
+        Ok(messages.map(|m| match m {
+            Ok(m) => Record::from_message(&m),
+            Err(e) => Err(map_error("watch", e)),
+        }))
+    }
+
+    /// Waits until `subject` gets a deleted record at or after `from`, the
+    /// watch breaks (the caller then looks again).
+    pub(crate) async fn wait_deleted(&self, subject: &str, from: u64) -> Result<()> {
+        let mut changes = Box::pin(self.follow(subject, Some(from)).await?);
+        while let Some(r) = changes.next().await {
+            match r {
+                Ok(r) if r.is_deleted() => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a record owned by `session`: refused with `SessionLost` when the
+    /// session's heartbeat is gone; indexed so the session's end removes it.
+    pub(crate) async fn write_owned(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        mut headers: HeaderMap,
+        expect: Option<u64>,
+        session: u64,
+    ) -> Result<u64> {
+        self.require_session(session).await?;
+        let index = self.layout.index_entry(session, subject);
+        self.write(
+            &index,
+            Bytes::from(subject.to_string()),
+            HeaderMap::new(),
+            None,
+        )
+        .await?;
+        headers.insert(SESSION_HEADER, format!("{session:016x}"));
+        let seq = self.write(subject, payload, headers, expect).await?;
+        // The session may have ended between the check and the write, after
+        // its cleanup ran: then remove the record ourselves.
+        if let Err(e) = self.require_session(session).await {
+            let _ = self.delete_marker(subject, Some(seq)).await;
+            return Err(e);
+        }
+        Ok(seq)
+    }
+
+    /// `SessionLost` unless the session's heartbeat is present.
+    pub(crate) async fn require_session(&self, session: u64) -> Result<()> {
+        match self.last(&self.layout.heartbeat(session)).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::session_lost(format!(
+                "session {session:016x} is closed or expired"
+            ))),
+        }
+    }
+
+    /// Removes every record a session owns (its ephemeral keys and line
+    /// entries), each only if the session still owns it.
+    pub(crate) async fn cleanup_session(&self, session: u64) -> Result<()> {
+        let (index, _) = self.scan_live(&self.layout.index_of(session)).await?;
+        for entry in index {
+            let Ok(subject) = std::str::from_utf8(&entry.payload) else {
+                continue;
+            };
+            if let Some(r) = self.last(subject).await? {
+                if r.session() == Some(session) {
+                    let removed = if self.layout.app_key(subject).is_some() {
+                        self.delete_marker(subject, Some(r.seq)).await
+                    } else {
+                        self.purge(subject, Some(r.seq)).await
+                    };
+                    match removed {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == ErrorKind::Conflict => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            self.purge(&entry.subject, None).await?;
+        }
+        Ok(())
+    }
+}

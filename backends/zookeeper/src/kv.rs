@@ -1,0 +1,1119 @@
+//! Kv on znodes.
+//!
+//! A key is the znode `/<ns>/!kv/<key>`; its data is one header byte plus
+//! the value, while znodes that only exist as parents of deeper keys hold
+//! no data. The version is the znode's mzxid: non-zero, growing on every
+//! change, and totally ordered across the namespace.
+//!
+//! Every change is one `multi` that also creates a record in the change log
+//! (`/<ns>/!kv/!log/e-<seq>`) holding the key and the new value: the record's
+//! czxid is the change's zxid. ZooKeeper watch events carry neither data nor
+//! (before 3.9) a zxid, and ZooKeeper keeps no history; the log gives watches
+//! every change with its value, in order, and lets a watch resume from a
+//! version. Deletions the server makes on its own (ephemeral keys of an
+//! expired session) have no record: the persistent recursive watch reports
+//! them, versioned by their parent's pzxid.
+
+use crate::layout::{parent, sequence};
+use crate::Zk;
+use async_trait::async_trait;
+use dprim::{
+    Depth, Entry, Error, ErrorKind, Key, Kv, Listing, Precondition, PutOptions, Result, SessionId,
+    Txn, TxnOp, TxnResult, Value, Version, WatchEvent, WatchStart, WatchStream, WatchTarget,
+};
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use zookeeper_client::{
+    AddWatchMode, Client, CreateMode, EventType, MultiReadResult, MultiWriteError,
+    MultiWriteResult, SessionState, Stat,
+};
+
+/// Log records kept per namespace (a little over the declared history).
+const LOG_KEEP: i64 = crate::WATCH_HISTORY as i64 + 24;
+/// Trim the log every this many records.
+const LOG_TRIM_EVERY: i64 = 128;
+/// Most value bytes one transaction may carry: each value is written twice
+/// (the key and its log record) and a ZooKeeper request is at most 1 MB.
+const MAX_TXN_VALUE_BYTES: usize = 400 * 1024;
+
+pub(crate) struct ZkKv {
+    zk: Zk,
+}
+
+impl ZkKv {
+    pub(crate) fn new(zk: Zk) -> ZkKv {
+        ZkKv { zk }
+    }
+}
+
+fn version(zxid: i64) -> Result<Version> {
+    u64::try_from(zxid)
+        .ok()
+        .and_then(Version::new)
+        .ok_or_else(|| Error::unexpected(format!("zookeeper returned zxid {zxid}")))
+}
+
+fn encode_value(value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(value.len() + 1);
+    v.push(1);
+    v.extend_from_slice(value);
+    v
+}
+
+/// What a log record says happened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    /// Put on an existing or new znode.
+    Put,
+    /// Put that replaced the znode (delete + create: ephemeral ownership changed).
+    Replace,
+    /// Delete that removed the znode.
+    Delete,
+    /// Delete that kept the znode as a parent of deeper keys.
+    Clear,
+}
+
+impl Op {
+    fn code(self) -> u8 {
+        match self {
+            Op::Put => b'P',
+            Op::Replace => b'R',
+            Op::Delete => b'D',
+            Op::Clear => b'd',
+        }
+    }
+    fn from_code(c: u8) -> Option<Op> {
+        Some(match c {
+            b'P' => Op::Put,
+            b'R' => Op::Replace,
+            b'D' => Op::Delete,
+            b'd' => Op::Clear,
+            _ => return None,
+        })
+    }
+    /// Whether the znode was deleted (so a NodeDeleted event follows).
+    fn removes_node(self) -> bool {
+        matches!(self, Op::Replace | Op::Delete)
+    }
+}
+
+fn encode_record(op: Op, key: &Key, owner: i64, value: &[u8]) -> Vec<u8> {
+    let k = key.as_str().as_bytes();
+    let mut v = Vec::with_capacity(1 + 2 + k.len() + 8 + value.len());
+    v.push(op.code());
+    v.extend_from_slice(&(k.len() as u16).to_be_bytes());
+    v.extend_from_slice(k);
+    v.extend_from_slice(&owner.to_be_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+struct Record {
+    op: Op,
+    key: Key,
+    owner: i64,
+    value: Vec<u8>,
+}
+
+fn decode_record(raw: &[u8]) -> Option<Record> {
+    let op = Op::from_code(*raw.first()?)?;
+    let len = u16::from_be_bytes([*raw.get(1)?, *raw.get(2)?]) as usize;
+    let key = Key::new(std::str::from_utf8(raw.get(3..3 + len)?).ok()?).ok()?;
+    let owner = i64::from_be_bytes(raw.get(3 + len..11 + len)?.try_into().ok()?);
+    Some(Record {
+        op,
+        key,
+        owner,
+        value: raw.get(11 + len..)?.to_vec(),
+    })
+}
+
+fn entry(key: Key, data: &[u8], stat: &Stat) -> Result<Option<Entry>> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let value = Value::new(data[1..].to_vec()).map_err(|e| {
+        Error::unexpected(format!(
+            "key `{key}` holds a value written outside dprim: {}",
+            e.message()
+        ))
+    })?;
+    Ok(Some(Entry {
+        key,
+        value,
+        version: version(stat.mzxid)?,
+        session: (stat.ephemeral_owner != 0).then_some(SessionId(stat.ephemeral_owner as u64)),
+    }))
+}
+
+fn precondition_error(key: &Key, precondition: Precondition, current: Option<&Stat>) -> Error {
+    let current = current.filter(|s| s.data_length > 0).map(|s| s.mzxid);
+    match (precondition, current) {
+        (Precondition::Absent, Some(v)) => {
+            Error::already_exists(format!("key `{key}` already exists (version {v})"))
+        }
+        (Precondition::Version(want), None) => Error::conflict(format!(
+            "key `{key}` does not exist (expected version {want})"
+        )),
+        (Precondition::Version(want), Some(v)) => Error::conflict(format!(
+            "key `{key}` has version {v}, not the expected {want}"
+        )),
+        _ => Error::unexpected("a precondition failed that held"),
+    }
+    .with_context("key", key)
+}
+
+fn holds(precondition: Precondition, stat: Option<&Stat>) -> bool {
+    let current = stat.filter(|s| s.data_length > 0).map(|s| s.mzxid);
+    match precondition {
+        Precondition::None => true,
+        Precondition::Absent => current.is_none(),
+        Precondition::Version(v) => current == Some(v.get() as i64),
+    }
+}
+
+/// Failures of a multi that mean "the state moved under us: read again".
+fn is_race(e: &zookeeper_client::Error) -> bool {
+    use zookeeper_client::Error as Z;
+    matches!(e, Z::NodeExists | Z::BadVersion | Z::NoNode | Z::NotEmpty)
+}
+
+impl ZkKv {
+    async fn stat(&self, client: &Client, path: &str) -> Result<Option<Stat>> {
+        self.zk.call("exists", client.check_stat(path)).await
+    }
+
+    /// The client that must issue a write attached to `session` (ephemeral
+    /// znodes belong to the session that creates them).
+    async fn writer(&self, session: Option<SessionId>) -> Result<(Client, i64)> {
+        match session {
+            None => Ok((self.zk.client().await?, 0)),
+            Some(id) => {
+                let client = self.zk.session_client_by_id(id.0).ok_or_else(|| {
+                    Error::session_lost(format!(
+                        "session {id} is closed, lost, or not open on this backend instance"
+                    ))
+                })?;
+                if crate::Terminated::is_terminated(&client.state()) {
+                    return Err(Error::session_lost(format!(
+                        "zookeeper session {id} has ended"
+                    )));
+                }
+                Ok((client, id.0 as i64))
+            }
+        }
+    }
+
+    /// Adds the ops that put `value` at `path` given its current stat.
+    fn plan_put(
+        &self,
+        w: &mut zookeeper_client::MultiWriter<'_>,
+        n: &mut usize,
+        key: &Key,
+        value: &[u8],
+        owner: i64,
+        stat: Option<&Stat>,
+    ) -> Result<()> {
+        let path = &self.zk.layout().kv_path(key);
+        let mode = if owner != 0 {
+            CreateMode::Ephemeral
+        } else {
+            CreateMode::Persistent
+        };
+        let options = self.zk.options(mode);
+        let log_options = self.zk.options(CreateMode::PersistentSequential);
+        let log = format!("{}/e-", self.zk.layout().log_dir());
+        let data = encode_value(value);
+        let map = |e: zookeeper_client::Error| crate::error::map_error(e);
+        let op = match stat {
+            Some(s) if s.ephemeral_owner != owner => {
+                if s.num_children > 0 {
+                    return Err(Error::invalid(format!(
+                        "key `{key}` has keys under it; ZooKeeper cannot attach it to a session (ephemeral znodes have no children)"
+                    )));
+                }
+                Op::Replace
+            }
+            _ => Op::Put,
+        };
+        w.add_create(&log, &encode_record(op, key, owner, value), &log_options)
+            .map_err(map)?;
+        *n += 1;
+        match stat {
+            // ZooKeeper 3.8 leaves the stat of a create inside a multi empty
+            // (ZOOKEEPER-4026): create empty, then set the data, whose stat
+            // carries the multi's zxid.
+            None => {
+                w.add_create(path, &[], &options).map_err(map)?;
+                w.add_set_data(path, &data, Some(0)).map_err(map)?;
+                *n += 2;
+            }
+            Some(s) if op == Op::Replace => {
+                w.add_delete(path, Some(s.version)).map_err(map)?;
+                w.add_create(path, &[], &options).map_err(map)?;
+                w.add_set_data(path, &data, Some(0)).map_err(map)?;
+                *n += 3;
+            }
+            Some(s) => {
+                w.add_set_data(path, &data, Some(s.version)).map_err(map)?;
+                *n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the ops that delete the key at `path` (which exists as an entry).
+    fn plan_delete(
+        &self,
+        w: &mut zookeeper_client::MultiWriter<'_>,
+        n: &mut usize,
+        key: &Key,
+        path: &str,
+        stat: &Stat,
+    ) -> Result<()> {
+        let log_options = self.zk.options(CreateMode::PersistentSequential);
+        let log = format!("{}/e-", self.zk.layout().log_dir());
+        let map = |e: zookeeper_client::Error| crate::error::map_error(e);
+        let op = if stat.num_children > 0 {
+            Op::Clear
+        } else {
+            Op::Delete
+        };
+        w.add_create(&log, &encode_record(op, key, 0, &[]), &log_options)
+            .map_err(map)?;
+        if op == Op::Clear {
+            w.add_set_data(path, &[], Some(stat.version)).map_err(map)?;
+        } else {
+            w.add_delete(path, Some(stat.version)).map_err(map)?;
+        }
+        *n += 2;
+        Ok(())
+    }
+
+    /// The zxid of a committed multi, from the log record's stat (or a
+    /// write's stat when the server leaves a create's stat empty).
+    fn committed_version(results: &[MultiWriteResult]) -> Result<Version> {
+        for r in results {
+            match r {
+                MultiWriteResult::Create { stat, .. } if stat.czxid > 0 => {
+                    return version(stat.czxid)
+                }
+                MultiWriteResult::SetData { stat } if stat.mzxid > 0 => return version(stat.mzxid),
+                _ => {}
+            }
+        }
+        Err(Error::unexpected(
+            "zookeeper returned no stat for a committed multi",
+        ))
+    }
+
+    /// Records the log sequence of a committed multi and trims the log now
+    /// and then so it stays bounded.
+    fn after_commit(&self, results: &[MultiWriteResult]) {
+        let log_dir = self.zk.layout().log_dir();
+        let newest = results
+            .iter()
+            .filter_map(|r| match r {
+                MultiWriteResult::Create { path, .. } if path.starts_with(&log_dir) => {
+                    sequence(path)
+                }
+                _ => None,
+            })
+            .max();
+        if let Some(seq) = newest {
+            if seq % LOG_TRIM_EVERY == 0 && seq > LOG_KEEP {
+                let zk = self.zk.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = trim_log(&zk, seq - LOG_KEEP).await {
+                        tracing::debug!(error = %e, "trimming the zookeeper change log failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Deletes log records with a sequence below `below`, first recording the
+/// newest deleted record's zxid in the log directory so watches resuming
+/// from before it know history is gone.
+async fn trim_log(zk: &Zk, below: i64) -> Result<()> {
+    let client = zk.client().await?;
+    let dir = zk.layout().log_dir();
+    let children = zk.call("list", client.list_children(&dir)).await?;
+    let mut old: Vec<(i64, String)> = children
+        .into_iter()
+        .filter_map(|c| sequence(&c).map(|s| (s, c)))
+        .filter(|(s, _)| *s < below)
+        .collect();
+    old.sort();
+    let Some((_, newest)) = old.last() else {
+        return Ok(());
+    };
+    let stat = match zk
+        .call("exists", client.check_stat(&format!("{dir}/{newest}")))
+        .await?
+    {
+        Some(s) => s,
+        None => return Ok(()),
+    };
+    let (raw, dir_stat) = zk.call("get", client.get_data(&dir)).await?;
+    let marked = parse_trimmed(&raw);
+    if stat.czxid > marked {
+        zk.call(
+            "set",
+            client.set_data(
+                &dir,
+                stat.czxid.to_string().as_bytes(),
+                Some(dir_stat.version),
+            ),
+        )
+        .await?;
+    }
+    for (_, name) in old {
+        let _ = client.delete(&format!("{dir}/{name}"), None).await;
+    }
+    Ok(())
+}
+
+fn parse_trimmed(raw: &[u8]) -> i64 {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn multi_error(e: MultiWriteError) -> (Option<usize>, zookeeper_client::Error) {
+    match e {
+        MultiWriteError::RequestFailed { source } => (None, source),
+        MultiWriteError::OperationFailed { index, source } => (Some(index), source),
+    }
+}
+
+/// How many times a write re-reads and retries when the znode changed
+/// between its read and its multi.
+const RACE_RETRIES: usize = 64;
+
+#[async_trait]
+impl Kv for ZkKv {
+    async fn get(&self, key: &Key) -> Result<Option<Entry>> {
+        if key.is_root() {
+            return Ok(None);
+        }
+        let client = self.zk.client().await?;
+        let path = self.zk.layout().kv_path(key);
+        match self.zk.call("get", client.get_data(&path)).await {
+            Ok((data, stat)) => entry(key.clone(), &data, &stat),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put_with(&self, key: &Key, value: Value, options: PutOptions) -> Result<Version> {
+        if key.is_root() {
+            return Err(Error::invalid("cannot write the namespace root"));
+        }
+        let (client, owner) = self.writer(options.session).await?;
+        let path = self.zk.layout().kv_path(key);
+        for _ in 0..RACE_RETRIES {
+            let stat = self.stat(&client, &path).await?;
+            if !holds(options.precondition, stat.as_ref()) {
+                return Err(precondition_error(key, options.precondition, stat.as_ref()));
+            }
+            let mut w = client.new_multi_writer();
+            let mut n = 0;
+            self.plan_put(&mut w, &mut n, key, value.as_bytes(), owner, stat.as_ref())?;
+            match w.commit().await {
+                Ok(results) => {
+                    self.after_commit(&results);
+                    return Self::committed_version(&results);
+                }
+                Err(e) => {
+                    let (_, source) = multi_error(e);
+                    if matches!(source, zookeeper_client::Error::NoNode) && stat.is_none() {
+                        self.zk.mkdirs(&client, parent(&path)).await?;
+                        continue;
+                    }
+                    if matches!(source, zookeeper_client::Error::NoChildrenForEphemerals) {
+                        return Err(Error::invalid(format!(
+                            "key `{key}` is under a key attached to a session; ZooKeeper cannot nest keys under ephemeral ones"
+                        )));
+                    }
+                    if is_race(&source) {
+                        continue;
+                    }
+                    return Err(crate::error::map_error(source).with_context("key", key));
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("key `{key}` kept changing under concurrent writers; try again"),
+        )
+        .temporary())
+    }
+
+    async fn delete_with(&self, key: &Key, precondition: Precondition) -> Result<bool> {
+        if precondition == Precondition::Absent {
+            return Err(Error::invalid(
+                "a delete cannot require the key to be absent; use Precondition::None or Version",
+            ));
+        }
+        if key.is_root() {
+            return Ok(false);
+        }
+        let client = self.zk.client().await?;
+        let path = self.zk.layout().kv_path(key);
+        for _ in 0..RACE_RETRIES {
+            let stat = self.stat(&client, &path).await?;
+            if !holds(precondition, stat.as_ref()) {
+                return Err(precondition_error(key, precondition, stat.as_ref()));
+            }
+            let Some(stat) = stat.filter(|s| s.data_length > 0) else {
+                return Ok(false);
+            };
+            let mut w = client.new_multi_writer();
+            let mut n = 0;
+            self.plan_delete(&mut w, &mut n, key, &path, &stat)?;
+            match w.commit().await {
+                Ok(results) => {
+                    self.after_commit(&results);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    let (_, source) = multi_error(e);
+                    if is_race(&source) {
+                        continue;
+                    }
+                    return Err(crate::error::map_error(source).with_context("key", key));
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("key `{key}` kept changing under concurrent writers; try again"),
+        )
+        .temporary())
+    }
+
+    async fn list(&self, dir: &Key, depth: Depth) -> Result<Listing> {
+        let client = self.zk.client().await?;
+        let log_dir = self.zk.layout().log_dir();
+        let deadline = tokio::time::Instant::now() + self.zk.0.request_timeout;
+        let mut attempt = 0u32;
+        loop {
+            // A listing is many reads; it is a snapshot at the log's head
+            // when no logged change landed while it was taken.
+            let before = self.log_head(&client, &log_dir).await?;
+            let entries = self.collect(&client, dir, depth).await?;
+            let after = self.log_head(&client, &log_dir).await?;
+            if before == after || tokio::time::Instant::now() >= deadline {
+                let mut entries = entries;
+                entries.sort_by(|a, b| a.key.cmp(&b.key));
+                return Ok(Listing {
+                    entries,
+                    revision: version(before)?,
+                });
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
+        }
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        txn.validate()?;
+        let bytes: usize = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { value, .. } => value.as_bytes().len(),
+                TxnOp::Delete { .. } => 0,
+            })
+            .sum();
+        if bytes > MAX_TXN_VALUE_BYTES {
+            return Err(Error::invalid(format!(
+                "transaction carries {bytes} value bytes; the zookeeper backend allows at most {MAX_TXN_VALUE_BYTES} per transaction (a ZooKeeper request is at most 1 MB)"
+            )));
+        }
+        let mut sessions = txn.ops.iter().filter_map(|op| match op {
+            TxnOp::Put { session, .. } => *session,
+            TxnOp::Delete { .. } => None,
+        });
+        let first = sessions.next();
+        if sessions.any(|s| Some(s) != first) {
+            return Err(Error::invalid(
+                "a zookeeper transaction can attach keys to at most one session",
+            ));
+        }
+        for op in &txn.ops {
+            if op.key().is_root() {
+                return Err(Error::invalid("cannot write the namespace root"));
+            }
+        }
+        let (client, owner) = self.writer(first).await?;
+        let layout = self.zk.layout();
+        for _ in 0..RACE_RETRIES {
+            let mut paths: Vec<String> = Vec::new();
+            for (k, _) in &txn.checks {
+                paths.push(layout.kv_path(k));
+            }
+            for op in &txn.ops {
+                paths.push(layout.kv_path(op.key()));
+            }
+            let stats =
+                futures::future::try_join_all(paths.iter().map(|p| self.stat(&client, p))).await?;
+            let (check_stats, op_stats) = stats.split_at(txn.checks.len());
+            for ((key, pre), stat) in txn.checks.iter().zip(check_stats) {
+                if !holds(*pre, stat.as_ref()) {
+                    let why = precondition_error(key, *pre, stat.as_ref());
+                    return Err(Error::conflict(format!(
+                        "transaction check failed, nothing was written: {}",
+                        why.message()
+                    ))
+                    .with_context("key", key));
+                }
+            }
+            let mut w = client.new_multi_writer();
+            let map = crate::error::map_error;
+            let mut n = 0;
+            // Checks become version checks (or create+delete for absence), so
+            // the multi fails if anything moved since the reads above.
+            let mut check_of_index: Vec<(usize, usize)> = Vec::new();
+            for (i, ((key, pre), stat)) in txn.checks.iter().zip(check_stats).enumerate() {
+                let path = layout.kv_path(key);
+                match (pre, stat) {
+                    (Precondition::None, _) => {}
+                    (_, Some(s)) => {
+                        w.add_check_version(&path, s.version).map_err(map)?;
+                        check_of_index.push((n, i));
+                        n += 1;
+                    }
+                    (_, None) => {
+                        self.zk.mkdirs(&client, parent(&path)).await?;
+                        w.add_create(&path, &[], &self.zk.options(CreateMode::Persistent))
+                            .map_err(map)?;
+                        w.add_delete(&path, None).map_err(map)?;
+                        check_of_index.push((n, i));
+                        n += 2;
+                    }
+                }
+            }
+            let mut is_put = Vec::new();
+            for (op, stat) in txn.ops.iter().zip(op_stats) {
+                let path = layout.kv_path(op.key());
+                match op {
+                    TxnOp::Put {
+                        key,
+                        value,
+                        session,
+                    } => {
+                        if stat.is_none() {
+                            self.zk.mkdirs(&client, parent(&path)).await?;
+                        }
+                        let o = if session.is_some() { owner } else { 0 };
+                        self.plan_put(&mut w, &mut n, key, value.as_bytes(), o, stat.as_ref())?;
+                        is_put.push(true);
+                    }
+                    TxnOp::Delete { key } => {
+                        match stat.as_ref().filter(|s| s.data_length > 0) {
+                            Some(s) => self.plan_delete(&mut w, &mut n, key, &path, s)?,
+                            None => {
+                                // Missing: assert it stays missing, so the
+                                // delete is part of the atomic outcome.
+                                if let Some(s) = stat {
+                                    w.add_check_version(&path, s.version).map_err(map)?;
+                                    n += 1;
+                                }
+                            }
+                        }
+                        is_put.push(false);
+                    }
+                }
+            }
+            match w.commit().await {
+                Ok(results) => {
+                    self.after_commit(&results);
+                    let v = match Self::committed_version(&results) {
+                        Ok(v) => Some(v),
+                        Err(e) if is_put.iter().any(|p| *p) => return Err(e),
+                        Err(_) => None,
+                    };
+                    return Ok(TxnResult {
+                        versions: is_put
+                            .into_iter()
+                            .map(|p| if p { v } else { None })
+                            .collect(),
+                    });
+                }
+                Err(e) => {
+                    let (index, source) = multi_error(e);
+                    if let Some((_, i)) = check_of_index
+                        .iter()
+                        .find(|(at, _)| index == Some(*at) || index == Some(*at + 1))
+                    {
+                        if is_race(&source) {
+                            // A checked key changed after the read: re-read
+                            // so the error names the state that failed.
+                            let _ = i;
+                            continue;
+                        }
+                    }
+                    if matches!(source, zookeeper_client::Error::NoChildrenForEphemerals) {
+                        return Err(Error::invalid(
+                            "a key in the transaction is under a key attached to a session; ZooKeeper cannot nest keys under ephemeral ones",
+                        ));
+                    }
+                    if is_race(&source) {
+                        continue;
+                    }
+                    return Err(crate::error::map_error(source));
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "transaction keys kept changing under concurrent writers; try again",
+        )
+        .temporary())
+    }
+
+    async fn watch(&self, target: WatchTarget, start: WatchStart) -> Result<WatchStream> {
+        let client = self.zk.client().await?;
+        let layout = self.zk.layout();
+        // Subscribe first, then read: nothing between is missed.
+        let watcher = self
+            .zk
+            .call(
+                "watch",
+                client.watch(&layout.kv_root(), AddWatchMode::PersistentRecursive),
+            )
+            .await?;
+        let (tx, rx) = mpsc::channel(256);
+        let mut w = Watcher {
+            zk: self.zk.clone(),
+            client,
+            target,
+            after: match start {
+                WatchStart::Now => 0,
+                WatchStart::After(v) => v.get() as i64,
+            },
+            tx,
+            last_seq: -1,
+            install_point: 0,
+            logged_deletes: HashMap::new(),
+            last_version: HashMap::new(),
+            ephemerals: HashSet::new(),
+        };
+        let opening = w.open(start).await?;
+        tokio::spawn(w.run(watcher, opening));
+        let mut rx = rx;
+        Ok(WatchStream::new(
+            futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+        ))
+    }
+}
+
+impl ZkKv {
+    async fn log_head(&self, client: &Client, log_dir: &str) -> Result<i64> {
+        match self.stat(client, log_dir).await? {
+            Some(s) => Ok(s.pzxid.max(s.mzxid)),
+            None => {
+                self.zk.mkdirs(client, log_dir).await?;
+                Ok(self.stat(client, log_dir).await?.map_or(0, |s| s.pzxid))
+            }
+        }
+    }
+
+    async fn collect(&self, client: &Client, dir: &Key, depth: Depth) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut frontier = vec![dir.clone()];
+        while !frontier.is_empty() {
+            let listed = futures::future::try_join_all(frontier.iter().map(|d| async move {
+                let path = self.zk.layout().kv_path(d);
+                match self.zk.call("list", client.list_children(&path)).await {
+                    Ok(children) => Ok((d.clone(), children)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok((d.clone(), Vec::new())),
+                    Err(e) => Err(e),
+                }
+            }))
+            .await?;
+            let mut keys = Vec::new();
+            for (d, children) in listed {
+                for c in children {
+                    if c.starts_with('!') {
+                        continue;
+                    }
+                    if let Ok(k) = d.join(&c) {
+                        keys.push(k);
+                    }
+                }
+            }
+            let mut next = Vec::new();
+            for chunk in keys.chunks(32) {
+                let mut reader = client.new_multi_reader();
+                for k in chunk {
+                    reader
+                        .add_get_data(&self.zk.layout().kv_path(k))
+                        .map_err(crate::error::map_error)?;
+                }
+                let results = self.zk.call("multi read", reader.commit()).await?;
+                for (k, r) in chunk.iter().zip(results) {
+                    if let MultiReadResult::Data { data, stat } = r {
+                        if let Some(e) = entry(k.clone(), &data, &stat)? {
+                            out.push(e);
+                        }
+                        if depth == Depth::Recursive && stat.num_children > 0 {
+                            next.push(k.clone());
+                        }
+                    }
+                }
+            }
+            frontier = next;
+        }
+        Ok(out)
+    }
+}
+
+struct Watcher {
+    zk: Zk,
+    client: Client,
+    target: WatchTarget,
+    /// Deliver only changes with a zxid above this.
+    after: i64,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+    /// The newest log record handled.
+    last_seq: i64,
+    /// The log head read right after the watch was installed: deletions in
+    /// later records are certain to show up as NodeDeleted events too.
+    install_point: i64,
+    /// Logged deletions whose NodeDeleted event is still to come, by path.
+    logged_deletes: HashMap<String, usize>,
+    last_version: HashMap<Key, i64>,
+    /// Ephemeral keys seen, to check after a reconnect.
+    ephemerals: HashSet<Key>,
+}
+
+enum Opening {
+    Live,
+    Resync(String),
+}
+
+impl Watcher {
+    /// Reads the log after the watch is installed and replays what the
+    /// start point asks for.
+    async fn open(&mut self, start: WatchStart) -> Result<Opening> {
+        let log_dir = self.zk.layout().log_dir();
+        let (raw, stat) = match self.zk.call("get", self.client.get_data(&log_dir)).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.zk.mkdirs(&self.client, &log_dir).await?;
+                self.zk.call("get", self.client.get_data(&log_dir)).await?
+            }
+            Err(e) => Err(e)?,
+        };
+        self.install_point = stat.pzxid;
+        let trimmed = parse_trimmed(&raw);
+        let records = self.list_log().await?;
+        match start {
+            WatchStart::Now => {
+                self.last_seq = records.last().map_or(-1, |(s, _)| *s);
+                Ok(Opening::Live)
+            }
+            WatchStart::After(v) => {
+                if trimmed > v.get() as i64 {
+                    return Ok(Opening::Resync(format!(
+                        "zookeeper keeps no history and dprim's change log was trimmed past version {v}; re-list and watch from the listing's revision"
+                    )));
+                }
+                match self.replay(records).await? {
+                    true => Ok(Opening::Live),
+                    false => Ok(Opening::Resync(
+                        "change-log records were trimmed while a watch replayed them; re-list and watch from the listing's revision".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    async fn list_log(&self) -> Result<Vec<(i64, String)>> {
+        let log_dir = self.zk.layout().log_dir();
+        let children = self
+            .zk
+            .call("list", self.client.list_children(&log_dir))
+            .await?;
+        let mut records: Vec<(i64, String)> = children
+            .into_iter()
+            .filter_map(|c| sequence(&c).map(|s| (s, format!("{log_dir}/{c}"))))
+            .collect();
+        records.sort();
+        Ok(records)
+    }
+
+    /// Delivers the records after `last_seq`; false if one vanished (trimmed).
+    async fn replay(&mut self, records: Vec<(i64, String)>) -> Result<bool> {
+        let pending: Vec<(i64, String)> = records
+            .into_iter()
+            .filter(|(s, _)| *s > self.last_seq)
+            .collect();
+        for chunk in pending.chunks(64) {
+            let mut reader = self.client.new_multi_reader();
+            for (_, path) in chunk {
+                reader.add_get_data(path).map_err(crate::error::map_error)?;
+            }
+            let results = self.zk.call("multi read", reader.commit()).await?;
+            for ((seq, _), r) in chunk.iter().zip(results) {
+                match r {
+                    MultiReadResult::Data { data, stat } => {
+                        self.last_seq = *seq;
+                        if !self.handle_record(&data, &stat).await {
+                            return Ok(true);
+                        }
+                    }
+                    _ => return Ok(false),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Handles one log record; false once the reader has gone.
+    async fn handle_record(&mut self, data: &[u8], stat: &Stat) -> bool {
+        let Some(record) = decode_record(data) else {
+            return true;
+        };
+        let path = self.zk.layout().kv_path(&record.key);
+        if record.op.removes_node() && stat.czxid > self.install_point {
+            *self.logged_deletes.entry(path).or_default() += 1;
+        }
+        if stat.czxid <= self.after || !self.target.covers(&record.key) {
+            return true;
+        }
+        let Ok(v) = version(stat.czxid) else {
+            return true;
+        };
+        self.last_version.insert(record.key.clone(), stat.czxid);
+        let event = match record.op {
+            Op::Put | Op::Replace => {
+                let Ok(value) = Value::new(record.value) else {
+                    return true;
+                };
+                if record.owner != 0 {
+                    self.ephemerals.insert(record.key.clone());
+                } else {
+                    self.ephemerals.remove(&record.key);
+                }
+                WatchEvent::Put(Entry {
+                    key: record.key,
+                    value,
+                    version: v,
+                    session: (record.owner != 0).then_some(SessionId(record.owner as u64)),
+                })
+            }
+            Op::Delete | Op::Clear => {
+                self.ephemerals.remove(&record.key);
+                WatchEvent::Delete {
+                    key: record.key,
+                    version: v,
+                }
+            }
+        };
+        self.tx.send(Ok(event)).await.is_ok()
+    }
+
+    /// A deletion with no log record (the server removed an ephemeral key
+    /// when its session ended). Its version is the parent's pzxid, which is
+    /// the deletion's zxid or a later child change of the same parent.
+    async fn unlogged_delete(&mut self, key: Key) -> bool {
+        let path = self.zk.layout().kv_path(&key);
+        let pzxid = match self
+            .zk
+            .call("exists", self.client.check_stat(parent(&path)))
+            .await
+        {
+            Ok(Some(s)) => s.pzxid,
+            _ => 0,
+        };
+        let last = self.last_version.get(&key).copied().unwrap_or(0);
+        let zxid = pzxid.max(last + 1);
+        self.last_version.insert(key.clone(), zxid);
+        self.ephemerals.remove(&key);
+        if zxid <= self.after {
+            return true;
+        }
+        let Ok(version) = version(zxid) else {
+            return true;
+        };
+        self.tx
+            .send(Ok(WatchEvent::Delete { key, version }))
+            .await
+            .is_ok()
+    }
+
+    async fn resync(&self, reason: String) {
+        let _ = self.tx.send(Ok(WatchEvent::Resync { reason })).await;
+    }
+
+    /// After a reconnect: persistent watches may miss events while
+    /// disconnected (ZOOKEEPER-4698), so catch up from the log and check
+    /// the ephemeral keys seen so far.
+    async fn catch_up(&mut self) -> Result<bool> {
+        let records = self.list_log().await?;
+        if let Some((first, _)) = records.first() {
+            if *first > self.last_seq + 1 && self.last_seq >= 0 {
+                let (raw, _) = self
+                    .zk
+                    .call("get", self.client.get_data(&self.zk.layout().log_dir()))
+                    .await?;
+                if parse_trimmed(&raw) > self.last_version.values().copied().max().unwrap_or(0)
+                    && parse_trimmed(&raw) > self.after
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        if !self.replay(records).await? {
+            return Ok(false);
+        }
+        let keys: Vec<Key> = self.ephemerals.iter().cloned().collect();
+        for key in keys {
+            let path = self.zk.layout().kv_path(&key);
+            let gone = match self
+                .zk
+                .call("exists", self.client.check_stat(&path))
+                .await?
+            {
+                None => true,
+                Some(s) => s.data_length == 0 || s.ephemeral_owner == 0,
+            };
+            if gone && !self.unlogged_delete(key).await {
+                return Ok(true);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn run(mut self, mut watcher: zookeeper_client::PersistentWatcher, opening: Opening) {
+        if let Opening::Resync(reason) = opening {
+            self.resync(reason).await;
+            return;
+        }
+        let log_prefix = format!("{}/", self.zk.layout().log_dir());
+        let mut disconnected = false;
+        let mut states = self.client.state_watcher();
+        // The log is the record of truth: when the watch is quiet, look at it
+        // anyway, so an event lost in a reconnect (ZOOKEEPER-4698) is caught
+        // up within a second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                _ = self.tx.closed() => return,
+                e = watcher.changed() => e,
+                s = states.changed() => zookeeper_client::WatchedEvent::new_session(s),
+                _ = tick.tick() => {
+                    match self.catch_up().await {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            self.resync("change-log records were trimmed before the watch read them; re-list and watch from the listing's revision".into()).await;
+                            return;
+                        }
+                        // Unreachable for now: the next tick tries again.
+                        Err(_) => continue,
+                    }
+                }
+            };
+            match event.event_type {
+                EventType::Session => match event.session_state {
+                    SessionState::Disconnected => disconnected = true,
+                    SessionState::SyncConnected | SessionState::ConnectedReadOnly
+                        if disconnected =>
+                    {
+                        disconnected = false;
+                        // Install the watch again in case the reconnect lost it.
+                        if let Ok(w) = self
+                            .zk
+                            .call(
+                                "watch",
+                                self.client.watch(
+                                    &self.zk.layout().kv_root(),
+                                    AddWatchMode::PersistentRecursive,
+                                ),
+                            )
+                            .await
+                        {
+                            watcher = w;
+                        }
+                        match self.catch_up().await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.resync("change-log records were trimmed while the watch was disconnected; re-list and watch from the listing's revision".into()).await;
+                                return;
+                            }
+                            Err(e) => {
+                                self.resync(format!(
+                                    "could not catch up after a reconnect ({e}); re-list and watch from the listing's revision"
+                                ))
+                                .await;
+                                return;
+                            }
+                        }
+                    }
+                    SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {
+                        self.resync(format!(
+                            "the zookeeper session carrying the watch ended ({:?}); re-list and watch from the listing's revision",
+                            event.session_state
+                        ))
+                        .await;
+                        return;
+                    }
+                    _ => {}
+                },
+                EventType::NodeCreated if event.path.starts_with(&log_prefix) => {
+                    let Some(seq) = sequence(&event.path) else {
+                        continue;
+                    };
+                    if seq <= self.last_seq {
+                        continue;
+                    }
+                    match self.zk.call("get", self.client.get_data(&event.path)).await {
+                        Ok((data, stat)) => {
+                            self.last_seq = seq;
+                            if !self.handle_record(&data, &stat).await {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // Trimmed before it could be read, or the
+                            // connection broke: continuity is not proven.
+                            self.resync(format!(
+                                "a change-log record could not be read ({e}); re-list and watch from the listing's revision"
+                            ))
+                            .await;
+                            return;
+                        }
+                    }
+                }
+                EventType::NodeDeleted if !event.path.starts_with(&log_prefix) => {
+                    if let Some(n) = self.logged_deletes.get_mut(&event.path) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.logged_deletes.remove(&event.path);
+                        }
+                        continue;
+                    }
+                    let Some(key) = self.zk.layout().app_key(&event.path) else {
+                        continue;
+                    };
+                    if !self.target.covers(&key) {
+                        continue;
+                    }
+                    if !self.unlogged_delete(key).await {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
