@@ -13,6 +13,8 @@
 //! - `commands` (private): one module per command group (`kv`, `lock`,
 //!   `elect`, `pub`/`sub`, `queue`, `check`, `conformance`).
 //! - `output` (private): text and JSON printing, value rendering.
+//! - [`tasks`]: task launch on top of the primitives (so far: the pure task
+//!   state machine).
 //!
 //! Without a config file the embedded in-memory backend is used. It lives
 //! inside the process that opened it, so with the CLI its state lasts only
@@ -23,6 +25,7 @@ pub mod cli;
 mod commands;
 pub mod exit;
 mod output;
+pub mod tasks;
 
 use dprim::{Backend, Config, Error, Registry, Result};
 use std::path::Path;
