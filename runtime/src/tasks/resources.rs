@@ -29,9 +29,11 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
         "MiB" => 1024.0 * 1024.0,
         "GiB" => 1024.0 * 1024.0 * 1024.0,
         "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(Error::invalid(format!(
+        other => {
+            return Err(Error::invalid(format!(
             "unknown size unit `{other}` in `{text}`; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
-        ))),
+        )))
+        }
     };
     let bytes = n * scale;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
