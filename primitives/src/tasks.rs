@@ -6,13 +6,14 @@
 
 use crate::error::{Error, Result};
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use futures::stream::BoxStream;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
 /// Identifies a task.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub struct TaskId(pub String);
 
 impl fmt::Display for TaskId {
@@ -22,7 +23,8 @@ impl fmt::Display for TaskId {
 }
 
 /// Mesos task states.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskState {
     /// Accepted, waiting for placement on an agent.
     Staging,
@@ -61,7 +63,7 @@ impl TaskState {
 }
 
 /// Resources a task asks for or an agent offers.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct Resources {
     /// CPU shares (1.0 = one core).
     pub cpus: f64,
@@ -74,7 +76,7 @@ pub struct Resources {
 }
 
 /// A placement constraint on agent attributes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Constraint {
     /// The attribute must equal the value.
     Equals(String, String),
@@ -83,7 +85,7 @@ pub enum Constraint {
 }
 
 /// When to relaunch a task that ended or whose agent was lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RestartPolicy {
     /// Never relaunch.
     #[default]
@@ -95,7 +97,7 @@ pub enum RestartPolicy {
 }
 
 /// What to run.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// Program to execute.
     pub command: String,

@@ -1,12 +1,21 @@
-//! Task launch, implemented once on top of the other primitives.
+//! Task launch, implemented once on top of the other primitives, so it
+//! works on every backend.
 //!
 //! - [`state`]: the pure task state machine (events in, new state + actions out).
 //! - [`placement`]: the [`placement::Placer`] interface and its first-fit placer.
-//! - [`process`]: one task as a child process: own process group, sandbox,
-//!   output files, kill with a grace period.
 //! - [`resources`]: parsing resources, attributes and constraints as written
 //!   on the command line.
+//! - [`process`]: one task as a child process: own process group, sandbox,
+//!   output files, kill with a grace period.
+//! - `store` (private): the keys and records task launch keeps in Kv.
+//! - [`supervisor`]: the elected supervisor that places tasks and tracks agents.
+//! - [`agent`]: the agent that runs assigned tasks and reports on them.
+//! - [`client`]: [`client::TasksClient`], the [`dprim::Tasks`] implementation.
+pub mod agent;
+pub mod client;
 pub mod placement;
 pub mod process;
 pub mod resources;
 pub mod state;
+mod store;
+pub mod supervisor;

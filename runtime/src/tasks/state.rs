@@ -16,7 +16,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 /// What is known about one task, as the supervisor records it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TaskRecord {
     /// Current state.
     pub state: TaskState,

@@ -1,0 +1,163 @@
+//! The [`Tasks`] primitive as apps and the CLI use it: launch writes the
+//! spec and the first record; everything else reads records or leaves
+//! requests for the supervisor.
+
+use super::state::TaskRecord;
+use super::store::{self, KillOrder, StatusRecord};
+use async_trait::async_trait;
+use dprim::tasks::{ReconcilePage, TaskSpec, TaskStatus};
+use dprim::{
+    Backend, Error, Precondition, Result, TaskId, Tasks, WatchEvent, WatchStart, WatchTarget,
+};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use std::time::{Duration, SystemTime};
+
+/// Page size of implicit reconciliation.
+pub const RECONCILE_PAGE: usize = 100;
+
+/// Tasks over a backend's other primitives.
+#[derive(Clone, Debug)]
+pub struct TasksClient {
+    backend: Backend,
+}
+
+impl TasksClient {
+    /// A client on `backend`.
+    pub fn new(backend: Backend) -> TasksClient {
+        TasksClient { backend }
+    }
+
+    async fn record(&self, id: &TaskId) -> Result<StatusRecord> {
+        let key = store::status_key(&id.0).map_err(|_| unknown(id))?;
+        match store::get::<StatusRecord>(&self.backend, &key).await? {
+            Some((r, _)) => Ok(r),
+            None => Err(unknown(id)),
+        }
+    }
+}
+
+fn unknown(id: &TaskId) -> Error {
+    Error::not_found(format!(
+        "no task `{id}`; `dprim task ls` lists the known tasks"
+    ))
+}
+
+#[async_trait]
+impl Tasks for TasksClient {
+    async fn launch(&self, spec: TaskSpec) -> Result<TaskId> {
+        spec.validate()?;
+        let id = store::new_task_id();
+        store::put_with(
+            &self.backend,
+            &store::spec_key(&id)?,
+            &spec,
+            Precondition::Absent,
+            None,
+        )
+        .await?;
+        let record = StatusRecord {
+            id: id.clone(),
+            record: TaskRecord::new(spec.restart, SystemTime::now()),
+            report_seq: 0,
+            unreachable_since: None,
+            relaunch_at: None,
+        };
+        // The supervisor may have written it first; either way it exists.
+        match store::put_with(
+            &self.backend,
+            &store::status_key(&id)?,
+            &record,
+            Precondition::Absent,
+            None,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == dprim::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Ok(TaskId(id))
+    }
+
+    async fn kill(&self, id: &TaskId, grace: Duration) -> Result<()> {
+        self.record(id).await?;
+        let order = KillOrder {
+            grace_ms: grace.as_millis() as u64,
+        };
+        store::put(&self.backend, &store::kill_request_key(&id.0)?, &order).await?;
+        Ok(())
+    }
+
+    async fn status(&self, id: &TaskId) -> Result<TaskStatus> {
+        Ok(self.record(id).await?.status())
+    }
+
+    async fn watch(&self) -> Result<BoxStream<'static, Result<TaskStatus>>> {
+        let stream = self
+            .backend
+            .kv()
+            .watch(WatchTarget::Dir(store::status_dir()?), WatchStart::Now)
+            .await?;
+        Ok(stream
+            .filter_map(|event| async move {
+                match event {
+                    Ok(WatchEvent::Put(e)) => Some(
+                        serde_json::from_slice::<StatusRecord>(e.value.as_bytes())
+                            .map(|r| r.status())
+                            .map_err(|err| Error::unexpected(format!("unreadable task record: {err}"))),
+                    ),
+                    Ok(WatchEvent::Delete { .. }) => None,
+                    Ok(WatchEvent::Resync { reason }) => Some(Err(Error::new(
+                        dprim::ErrorKind::Resync,
+                        format!("task updates may have been missed ({reason}); reconcile, then watch again"),
+                    ))),
+                    Err(e) => Some(Err(e)),
+                }
+            })
+            .boxed())
+    }
+
+    async fn reconcile(
+        &self,
+        ids: Option<Vec<TaskId>>,
+        page: Option<String>,
+    ) -> Result<ReconcilePage> {
+        if let Some(ids) = ids {
+            let mut statuses = Vec::new();
+            for id in ids {
+                match self.record(&id).await {
+                    Ok(r) => statuses.push(r.status()),
+                    Err(e) if e.kind() == dprim::ErrorKind::NotFound => statuses.push(TaskStatus {
+                        id,
+                        state: dprim::TaskState::Unknown,
+                        agent: None,
+                        exit_code: None,
+                        message: "no such task".into(),
+                        updated: SystemTime::now(),
+                    }),
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(ReconcilePage {
+                statuses,
+                next: None,
+            });
+        }
+        let all: std::collections::BTreeMap<String, (StatusRecord, _)> =
+            store::list(&self.backend, &store::status_dir()?).await?;
+        let mut statuses: Vec<TaskStatus> = all
+            .into_iter()
+            .filter(|(id, _)| page.as_ref().is_none_or(|after| id > after))
+            .take(RECONCILE_PAGE + 1)
+            .map(|(_, (r, _))| r.status())
+            .collect();
+        let next = if statuses.len() > RECONCILE_PAGE {
+            statuses.truncate(RECONCILE_PAGE);
+            statuses.last().map(|s| s.id.0.clone())
+        } else {
+            None
+        };
+        Ok(ReconcilePage { statuses, next })
+    }
+}

@@ -1,0 +1,198 @@
+//! Where task launch keeps its state: plain keys in the backend's Kv, so it
+//! works on every backend. Everything lives under `_dprim/`:
+//!
+//! ```text
+//! _dprim/agents/<agent>                 an agent's registration (ephemeral: its session)
+//! _dprim/tasks/spec/<task>              what to run (written once by launch)
+//! _dprim/tasks/status/<task>            the task's record (supervisor; CAS)
+//! _dprim/tasks/assign/<agent>/<task>    "run this" from the supervisor to an agent
+//! _dprim/tasks/kill/<agent>/<task>      "kill this" from the supervisor to an agent
+//! _dprim/tasks/report/<task>            the agent's latest report (sequence-numbered)
+//! _dprim/tasks/kill-request/<task>      a user's kill request
+//! _dprim/tasks/supervisor               the supervisors' election
+//! ```
+
+use super::state::TaskRecord;
+use dprim::tasks::{Resources, TaskSpec, TaskStatus};
+use dprim::{
+    Backend, Depth, Error, Key, KvExt, Precondition, PutOptions, Result, Session, Value, Version,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+pub(crate) fn key(path: String) -> Result<Key> {
+    Key::new(path)
+}
+
+pub(crate) fn agents_dir() -> Result<Key> {
+    key("_dprim/agents".into())
+}
+pub(crate) fn agent_key(agent: &str) -> Result<Key> {
+    key(format!("_dprim/agents/{agent}"))
+}
+pub(crate) fn spec_dir() -> Result<Key> {
+    key("_dprim/tasks/spec".into())
+}
+pub(crate) fn spec_key(task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/spec/{task}"))
+}
+pub(crate) fn status_dir() -> Result<Key> {
+    key("_dprim/tasks/status".into())
+}
+pub(crate) fn status_key(task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/status/{task}"))
+}
+pub(crate) fn assign_dir(agent: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/assign/{agent}"))
+}
+pub(crate) fn assign_key(agent: &str, task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/assign/{agent}/{task}"))
+}
+pub(crate) fn kill_dir(agent: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/kill/{agent}"))
+}
+pub(crate) fn kill_key(agent: &str, task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/kill/{agent}/{task}"))
+}
+pub(crate) fn report_dir() -> Result<Key> {
+    key("_dprim/tasks/report".into())
+}
+pub(crate) fn report_key(task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/report/{task}"))
+}
+pub(crate) fn kill_request_dir() -> Result<Key> {
+    key("_dprim/tasks/kill-request".into())
+}
+pub(crate) fn kill_request_key(task: &str) -> Result<Key> {
+    key(format!("_dprim/tasks/kill-request/{task}"))
+}
+pub(crate) fn election() -> Result<Key> {
+    key("_dprim/tasks/supervisor".into())
+}
+
+/// A task's record as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StatusRecord {
+    pub id: String,
+    pub record: TaskRecord,
+    /// The highest report sequence already applied.
+    pub report_seq: u64,
+    pub unreachable_since: Option<SystemTime>,
+    /// A relaunch is due at this time (the record is terminal until then).
+    pub relaunch_at: Option<SystemTime>,
+}
+
+impl StatusRecord {
+    pub fn status(&self) -> TaskStatus {
+        TaskStatus {
+            id: dprim::TaskId(self.id.clone()),
+            state: self.record.state,
+            agent: self.record.agent.clone(),
+            exit_code: self.record.exit_code,
+            message: self.record.message.clone(),
+            updated: self.record.updated,
+        }
+    }
+}
+
+/// What the supervisor asks an agent to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Assignment {
+    pub spec: TaskSpec,
+    pub launch: u32,
+}
+
+/// What an agent reports about a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ReportEvent {
+    Started,
+    Exited { code: i32 },
+    LaunchFailed { reason: String },
+    KilledByRequest,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Report {
+    pub agent: String,
+    pub launch: u32,
+    pub seq: u64,
+    pub event: ReportEvent,
+}
+
+/// An agent's registration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct AgentInfo {
+    pub id: String,
+    pub resources: Resources,
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct KillOrder {
+    pub grace_ms: u64,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Value> {
+    let bytes = serde_json::to_vec(v)
+        .map_err(|e| Error::unexpected(format!("encoding a task record: {e}")))?;
+    Value::new(bytes)
+}
+
+fn decode<T: DeserializeOwned>(key: &Key, v: &Value) -> Result<T> {
+    serde_json::from_slice(v.as_bytes())
+        .map_err(|e| Error::unexpected(format!("`{key}` holds an unreadable task record: {e}")))
+}
+
+pub(crate) async fn get<T: DeserializeOwned>(
+    b: &Backend,
+    key: &Key,
+) -> Result<Option<(T, Version)>> {
+    match b.kv().get(key).await? {
+        Some(e) => Ok(Some((decode(key, &e.value)?, e.version))),
+        None => Ok(None),
+    }
+}
+
+pub(crate) async fn put<T: Serialize>(b: &Backend, key: &Key, v: &T) -> Result<Version> {
+    b.kv().put(key, encode(v)?).await
+}
+
+pub(crate) async fn put_with<T: Serialize>(
+    b: &Backend,
+    key: &Key,
+    v: &T,
+    precondition: Precondition,
+    session: Option<&Session>,
+) -> Result<Version> {
+    let options = PutOptions {
+        precondition,
+        session: session.map(|s| s.id()),
+    };
+    b.kv().put_with(key, encode(v)?, options).await
+}
+
+/// Every record directly under `dir`, by the last segment of its key.
+pub(crate) async fn list<T: DeserializeOwned>(
+    b: &Backend,
+    dir: &Key,
+) -> Result<BTreeMap<String, (T, Version)>> {
+    let listing = b.kv().list(dir, Depth::Children).await?;
+    let mut out = BTreeMap::new();
+    for e in listing.entries {
+        out.insert(
+            e.key.name().to_string(),
+            (decode(&e.key, &e.value)?, e.version),
+        );
+    }
+    Ok(out)
+}
+
+/// A new task id: time-ordered, unique, and a valid key segment.
+pub(crate) fn new_task_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("t{millis:011x}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}

@@ -1,0 +1,292 @@
+//! The supervisor: several may run, one is elected (dprim Election). The
+//! leader turns specs, agent registrations and agent reports into state
+//! machine events, places staging tasks, and notices lost agents. It is the
+//! only writer of task records; each write is a compare-and-swap on the
+//! record's version, so a deposed leader's stale write fails instead of
+//! overwriting its successor's.
+
+use super::placement::{AgentView, Placer};
+use super::state::{step, TaskAction, TaskEvent, TaskRecord};
+use super::store::{self, AgentInfo, Assignment, KillOrder, Report, ReportEvent, StatusRecord};
+use dprim::tasks::{Resources, TaskSpec, TaskState};
+use dprim::{Backend, ErrorKind, KvExt, Precondition, Result, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Supervisor settings.
+#[derive(Clone)]
+pub struct SupervisorConfig {
+    /// Name in the election (shown as the leader's value).
+    pub name: String,
+    /// TTL of the supervisor's session.
+    pub session_ttl: Duration,
+    /// How long a task stays UNREACHABLE before it is declared GONE.
+    pub gone_timeout: Duration,
+    /// How often the leader looks at everything when nothing wakes it.
+    pub interval: Duration,
+    /// Chooses agents for tasks.
+    pub placer: Arc<dyn Placer>,
+}
+
+/// One supervisor instance.
+pub struct Supervisor {
+    backend: Backend,
+    config: SupervisorConfig,
+}
+
+impl Supervisor {
+    /// A supervisor on `backend`.
+    pub fn new(backend: Backend, config: SupervisorConfig) -> Supervisor {
+        Supervisor { backend, config }
+    }
+
+    /// Campaigns, and while leader reconciles every `interval`, until
+    /// `shutdown` resolves. After losing leadership it campaigns again.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let session = self
+                .backend
+                .sessions()
+                .open(self.config.session_ttl)
+                .await?;
+            let value = Value::new(self.config.name.clone().into_bytes())?;
+            let election = store::election()?;
+            let leadership = tokio::select! {
+                _ = &mut shutdown => { let _ = session.close().await; return Ok(()); }
+                l = self.backend.elections().campaign(&election, value, &session) => l,
+            };
+            let leadership = match leadership {
+                Ok(l) => l,
+                Err(e) if e.kind() == ErrorKind::SessionLost => continue,
+                Err(e) => return Err(e),
+            };
+            tracing::info!(term = %leadership.term(), name = %self.config.name, "supervisor elected");
+            loop {
+                if leadership.check().is_err() {
+                    break;
+                }
+                if let Err(e) = self.reconcile().await {
+                    tracing::warn!(error = %e, "supervisor pass failed; retrying");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        let _ = leadership.resign().await;
+                        let _ = session.close().await;
+                        return Ok(());
+                    }
+                    _ = leadership.lost() => break,
+                    _ = tokio::time::sleep(self.config.interval) => {}
+                }
+            }
+            tracing::warn!(name = %self.config.name, "supervisor lost leadership");
+        }
+    }
+
+    /// One pass over every task.
+    pub async fn reconcile(&self) -> Result<()> {
+        let b = &self.backend;
+        let specs: BTreeMap<String, (TaskSpec, _)> = store::list(b, &store::spec_dir()?).await?;
+        let mut statuses: BTreeMap<String, (StatusRecord, _)> =
+            store::list(b, &store::status_dir()?).await?;
+        let reports: BTreeMap<String, (Report, _)> = store::list(b, &store::report_dir()?).await?;
+        let kill_requests: BTreeMap<String, (KillOrder, _)> =
+            store::list(b, &store::kill_request_dir()?).await?;
+        let agents: BTreeMap<String, (AgentInfo, _)> =
+            store::list(b, &store::agents_dir()?).await?;
+        let now = SystemTime::now();
+
+        // What placed tasks use on each agent.
+        let mut used: BTreeMap<String, Resources> = BTreeMap::new();
+        for (id, (s, _)) in &statuses {
+            if matches!(
+                s.record.state,
+                TaskState::Starting | TaskState::Running | TaskState::Unreachable
+            ) {
+                if let (Some(agent), Some((spec, _))) = (&s.record.agent, specs.get(id)) {
+                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+                }
+            }
+        }
+
+        for (id, (spec, _)) in &specs {
+            let (mut rec, version) = match statuses.remove(id) {
+                Some((r, v)) => (r, Some(v)),
+                None => (
+                    StatusRecord {
+                        id: id.clone(),
+                        record: TaskRecord::new(spec.restart, now),
+                        report_seq: 0,
+                        unreachable_since: None,
+                        relaunch_at: None,
+                    },
+                    None,
+                ),
+            };
+            let before = rec.clone();
+            let mut actions = Vec::new();
+            let mut apply = |rec: &mut StatusRecord, event: TaskEvent| match step(
+                &rec.record,
+                event.clone(),
+                now,
+            ) {
+                Ok((next, mut a)) => {
+                    rec.record = next;
+                    actions.append(&mut a);
+                }
+                Err(e) => tracing::debug!(task = %rec.id, error = %e, "ignored event"),
+            };
+
+            // A due relaunch starts a new launch of the same spec.
+            if let Some(at) = rec.relaunch_at {
+                if now >= at {
+                    let launches = rec.record.launches + 1;
+                    rec.record = TaskRecord::new(spec.restart, now);
+                    rec.record.launches = launches;
+                    rec.relaunch_at = None;
+                    rec.unreachable_since = None;
+                }
+            }
+            if kill_requests.contains_key(id)
+                && !rec.record.kill_requested
+                && !rec.record.state.is_terminal()
+            {
+                let grace = kill_requests.get(id).map_or(0, |(k, _)| k.grace_ms);
+                apply(
+                    &mut rec,
+                    TaskEvent::KillRequested {
+                        grace: Duration::from_millis(grace),
+                    },
+                );
+            }
+            if let Some((report, _)) = reports.get(id) {
+                if report.launch == rec.record.launches && report.seq > rec.report_seq {
+                    rec.report_seq = report.seq;
+                    let unreachable = rec.record.state == TaskState::Unreachable;
+                    let event = match (&report.event, unreachable) {
+                        (ReportEvent::Started, false) => TaskEvent::Started,
+                        (ReportEvent::Started, true) => TaskEvent::AgentReturned { running: true },
+                        (_, true) => TaskEvent::AgentReturned { running: false },
+                        (ReportEvent::Exited { code }, false) => TaskEvent::Exited { code: *code },
+                        (ReportEvent::LaunchFailed { reason }, false) => TaskEvent::LaunchFailed {
+                            reason: reason.clone(),
+                        },
+                        (ReportEvent::KilledByRequest, false) => TaskEvent::KilledByRequest,
+                    };
+                    apply(&mut rec, event);
+                    if rec.record.state == TaskState::Running {
+                        rec.unreachable_since = None;
+                    }
+                }
+            }
+            let agent_present = rec
+                .record
+                .agent
+                .as_ref()
+                .is_some_and(|a| agents.contains_key(a));
+            if matches!(rec.record.state, TaskState::Starting | TaskState::Running)
+                && !agent_present
+            {
+                apply(&mut rec, TaskEvent::AgentLost);
+                rec.unreachable_since = Some(now);
+            }
+            if rec.record.state == TaskState::Unreachable {
+                let since = *rec.unreachable_since.get_or_insert(now);
+                if now.duration_since(since).unwrap_or_default() >= self.config.gone_timeout {
+                    apply(&mut rec, TaskEvent::UnreachableTimeout);
+                }
+            }
+            if rec.record.state == TaskState::Staging && rec.relaunch_at.is_none() {
+                let views: Vec<AgentView> = agents
+                    .values()
+                    .map(|(a, _)| AgentView {
+                        id: a.id.clone(),
+                        total: a.resources.clone(),
+                        used: used.get(&a.id).cloned().unwrap_or_default(),
+                        attributes: a.attributes.clone(),
+                    })
+                    .collect();
+                match self.config.placer.place(spec, &views) {
+                    Ok(agent) => {
+                        add(used.entry(agent.clone()).or_default(), &spec.resources);
+                        apply(&mut rec, TaskEvent::Placed { agent });
+                    }
+                    Err(reason) => apply(&mut rec, TaskEvent::Pending { reason }),
+                }
+            }
+
+            if rec == before {
+                continue;
+            }
+            // Record first: an assignment or kill order only goes out once
+            // the record that explains it is stored.
+            let precondition = match version {
+                Some(v) => Precondition::Version(v),
+                None => Precondition::Absent,
+            };
+            match store::put_with(b, &store::status_key(id)?, &rec, precondition, None).await {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                    // Someone else wrote it (a launch, or another supervisor):
+                    // look again next pass.
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            for action in actions {
+                self.carry_out(id, spec, &mut rec, action).await?;
+            }
+            if rec.record.state.is_terminal() {
+                if let Some(agent) = &rec.record.agent {
+                    let _ = b.kv().delete(&store::assign_key(agent, id)?).await;
+                    let _ = b.kv().delete(&store::kill_key(agent, id)?).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn carry_out(
+        &self,
+        id: &str,
+        spec: &TaskSpec,
+        rec: &mut StatusRecord,
+        action: TaskAction,
+    ) -> Result<()> {
+        let b = &self.backend;
+        match action {
+            TaskAction::Assign { agent } => {
+                let assignment = Assignment {
+                    spec: spec.clone(),
+                    launch: rec.record.launches,
+                };
+                store::put(b, &store::assign_key(&agent, id)?, &assignment).await?;
+            }
+            TaskAction::Kill { agent, grace } => {
+                if !agent.is_empty() {
+                    let order = KillOrder {
+                        grace_ms: grace.as_millis() as u64,
+                    };
+                    store::put(b, &store::kill_key(&agent, id)?, &order).await?;
+                }
+            }
+            TaskAction::Relaunch { after } => {
+                rec.relaunch_at = Some(SystemTime::now() + after);
+                let key = store::status_key(id)?;
+                if let Some((_, v)) = store::get::<StatusRecord>(b, &key).await? {
+                    store::put_with(b, &key, rec, Precondition::Version(v), None).await?;
+                }
+            }
+            TaskAction::PublishStatus => {}
+        }
+        Ok(())
+    }
+}
+
+fn add(total: &mut Resources, r: &Resources) {
+    total.cpus += r.cpus;
+    total.mem_bytes += r.mem_bytes;
+    total.disk_bytes += r.disk_bytes;
+    total.ports.extend(&r.ports);
+}

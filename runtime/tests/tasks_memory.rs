@@ -1,0 +1,146 @@
+//! Task launch end to end on the in-memory backend, in one process: a
+//! supervisor and two agents running real child processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use dprim::tasks::{Constraint, Resources, RestartPolicy, TaskSpec, TaskState, TaskStatus};
+use dprim::{BackendConfig, ErrorKind, TaskId, Tasks};
+use dprim_memory::MemoryServer;
+use dprim_runtime::tasks::agent::{Agent, AgentConfig};
+use dprim_runtime::tasks::client::TasksClient;
+use dprim_runtime::tasks::placement::FirstFit;
+use dprim_runtime::tasks::supervisor::{Supervisor, SupervisorConfig};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+fn spec(cmd: &str, args: &[&str], cpus: f64) -> TaskSpec {
+    TaskSpec {
+        command: cmd.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        resources: Resources {
+            cpus,
+            ..Resources::default()
+        },
+        ..TaskSpec::default()
+    }
+}
+
+async fn wait_for(client: &TasksClient, id: &TaskId, want: TaskState) -> TaskStatus {
+    for _ in 0..200 {
+        let s = client.status(id).await.unwrap();
+        if s.state == want {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "task {id} never reached {want:?}: {:?}",
+        client.status(id).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_finish_fail_kill_pending_and_constraints() {
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
+        .unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let supervisor = Supervisor::new(
+        backend.clone(),
+        SupervisorConfig {
+            name: "s1".into(),
+            session_ttl: Duration::from_secs(2),
+            gone_timeout: Duration::from_secs(2),
+            interval: Duration::from_millis(30),
+            placer: Arc::new(FirstFit),
+        },
+    );
+    let mut handles = vec![tokio::spawn(supervisor.run(stopped(stop_rx.clone())))];
+    let work = std::env::temp_dir().join(format!("dprim-tasks-test-{}", std::process::id()));
+    for (id, zone) in [("a1", "z1"), ("a2", "z2")] {
+        let agent = Agent::new(
+            backend.clone(),
+            AgentConfig {
+                id: id.into(),
+                resources: Resources {
+                    cpus: 2.0,
+                    mem_bytes: 1 << 30,
+                    disk_bytes: 1 << 30,
+                    ports: vec![],
+                },
+                attributes: [("zone".to_string(), zone.to_string())].into(),
+                work_dir: work.join(id),
+                session_ttl: Duration::from_secs(2),
+                interval: Duration::from_millis(30),
+            },
+        );
+        handles.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
+    }
+    let client = TasksClient::new(backend.clone());
+
+    let ok = client.launch(spec("true", &[], 0.5)).await.unwrap();
+    let s = wait_for(&client, &ok, TaskState::Finished).await;
+    assert_eq!(s.exit_code, Some(0));
+
+    let failing = client
+        .launch(spec("sh", &["-c", "exit 3"], 0.5))
+        .await
+        .unwrap();
+    let s = wait_for(&client, &failing, TaskState::Failed).await;
+    assert_eq!(s.exit_code, Some(3));
+
+    let long = client.launch(spec("sleep", &["30"], 0.5)).await.unwrap();
+    wait_for(&client, &long, TaskState::Running).await;
+    client.kill(&long, Duration::from_secs(2)).await.unwrap();
+    wait_for(&client, &long, TaskState::Killed).await;
+
+    let huge = client.launch(spec("true", &[], 64.0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = client.status(&huge).await.unwrap();
+    assert_eq!(s.state, TaskState::Staging);
+    assert!(s.message.contains("more than any agent"), "{}", s.message);
+
+    let mut placed = spec("true", &[], 0.5);
+    placed.constraints = vec![Constraint::Equals("zone".into(), "z2".into())];
+    let z2 = client.launch(placed).await.unwrap();
+    let s = wait_for(&client, &z2, TaskState::Finished).await;
+    assert_eq!(s.agent.as_deref(), Some("a2"));
+
+    let mut retried = spec(
+        "sh",
+        &["-c", "test -e ../../flag || { touch ../../flag; exit 1; }"],
+        0.5,
+    );
+    retried.restart = RestartPolicy::OnFailure;
+    let r = client.launch(retried).await.unwrap();
+    // Fails once, is relaunched after the first backoff, then finishes.
+    for _ in 0..200 {
+        if client.status(&r).await.unwrap().state == TaskState::Finished {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(client.status(&r).await.unwrap().state, TaskState::Finished);
+
+    let page = client.reconcile(None, None).await.unwrap();
+    assert_eq!(page.statuses.len(), 6);
+    let unknown = TaskId("t-nope".into());
+    assert_eq!(
+        client.status(&unknown).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    let explicit = client
+        .reconcile(Some(vec![ok.clone(), unknown]), None)
+        .await
+        .unwrap();
+    assert_eq!(explicit.statuses[1].state, TaskState::Unknown);
+
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(work);
+}
