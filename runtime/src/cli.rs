@@ -117,6 +117,41 @@ kept alive), dprim says so and exits 4.")]
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Launch, list, inspect, watch and kill tasks run by agents.
+    #[command(after_help = "\
+Examples:
+  dprim task launch --cpus 0.5 --mem 256MiB -- ./worker --shard 3
+  dprim task launch --constraint zone==z1 --restart on-failure -- sleep 60
+  dprim task ls
+  dprim task status t019bc7d4a1f-3e2a9c
+  dprim task kill t019bc7d4a1f-3e2a9c --grace 10s
+
+Tasks are run by agents (`dprim agent`) and placed by a supervisor
+(`dprim supervisor`); all of them must use the same shared backend (--config).")]
+    Task {
+        /// The task command.
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Run an agent: register this machine's resources and run assigned tasks.
+    #[command(after_help = "\
+Example:
+  dprim agent --resources cpus=4,mem=8GiB,disk=20GiB --attributes rack=r1,zone=z1 \\
+              --work-dir /var/lib/dprim/agent
+
+Each task runs as a child process in its own process group, with its working
+directory (sandbox) under --work-dir/<task>/<launch> holding its stdout and
+stderr files. Resource amounts are used for placement; they are not enforced
+on the process yet. Ctrl-C kills the agent's tasks and leaves.")]
+    Agent(AgentArgs),
+    /// List the registered agents.
+    Agents {
+        /// The agents command.
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+    /// Run a supervisor: campaign, and while leader place tasks and track agents.
+    Supervisor(SupervisorArgs),
     /// Validate the config, connect, and print the backend's capabilities.
     Check,
     /// Run the conformance suite against the configured backend.
@@ -125,6 +160,108 @@ Without --config the suite runs against the embedded in-memory backend. Each
 case prints a line as it finishes, then a summary table; report.json and
 report.md are written to --report. Exits 1 if any case failed.")]
     Conformance(ConformanceArgs),
+}
+
+/// When a task is launched again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RestartArg {
+    /// Never.
+    Never,
+    /// After it fails or its agent is gone.
+    OnFailure,
+    /// After any end but a kill.
+    Always,
+}
+
+/// `dprim task ...`
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Launch a task; prints its id.
+    Launch {
+        /// CPU shares (1.0 = one core).
+        #[arg(long, default_value_t = 0.1)]
+        cpus: f64,
+        /// Memory, e.g. 256MiB.
+        #[arg(long, default_value = "64MiB")]
+        mem: String,
+        /// Disk, e.g. 1GiB.
+        #[arg(long, default_value = "0")]
+        disk: String,
+        /// Placement constraint on agent attributes: attr==value or attr!=value (repeatable).
+        #[arg(long = "constraint", value_name = "ATTR==VALUE")]
+        constraints: Vec<String>,
+        /// When to launch it again.
+        #[arg(long, value_enum, default_value_t = RestartArg::Never)]
+        restart: RestartArg,
+        /// Environment variable for the task, NAME=VALUE (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// List every task with its state.
+    Ls,
+    /// Show one task's status.
+    Status {
+        /// The task id printed by `dprim task launch`.
+        id: String,
+    },
+    /// Kill a task: SIGTERM, then SIGKILL after the grace period.
+    Kill {
+        /// The task id.
+        id: String,
+        /// Time between SIGTERM and SIGKILL.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "DURATION")]
+        grace: Duration,
+    },
+    /// Print status updates as they happen.
+    Watch {
+        /// Stop after this many updates.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// `dprim agents ...`
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// List the registered agents with their resources and attributes.
+    Ls,
+}
+
+/// `dprim agent`
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The agent's id (a key segment). Default: host name and pid.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// What this agent offers: cpus=4,mem=8GiB,disk=20GiB,ports=8000-8010.
+    #[arg(long, value_name = "RESOURCES")]
+    pub resources: String,
+    /// Attributes used by constraints: rack=r1,zone=z1.
+    #[arg(long, default_value = "", value_name = "ATTRIBUTES")]
+    pub attributes: String,
+    /// Where task sandboxes go.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: PathBuf,
+    /// TTL of the agent's session (default: the config's session_ttl).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
+}
+
+/// `dprim supervisor`
+#[derive(Args, Debug)]
+pub struct SupervisorArgs {
+    /// The supervisor's name in the election. Default: host name and pid.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long a task stays UNREACHABLE before it is declared GONE.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub gone_timeout: Duration,
+    /// TTL of the supervisor's session (default: the config's session_ttl).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
 }
 
 /// A value given as an argument, `-` for stdin, or `--file`.

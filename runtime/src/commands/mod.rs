@@ -10,6 +10,7 @@ mod kv;
 mod lock;
 mod pubsub;
 mod queue;
+mod tasks;
 
 use crate::cli::{Command, Ctx, ValueInput};
 use crate::exit::Failure;
@@ -27,6 +28,10 @@ pub(crate) async fn dispatch(ctx: &Ctx, command: Command) -> Result<u8, Failure>
         Command::Pub(args) => pubsub::publish(ctx, args).await,
         Command::Sub(args) => pubsub::subscribe(ctx, args).await,
         Command::Queue { command } => queue::run(ctx, command).await,
+        Command::Task { command } => tasks::task(ctx, command).await,
+        Command::Agent(args) => tasks::agent(ctx, args).await,
+        Command::Agents { command } => tasks::agents(ctx, command).await,
+        Command::Supervisor(args) => tasks::supervisor(ctx, args).await,
         Command::Check => check::run(ctx).await,
         Command::Conformance(args) => conformance::run(ctx, args).await,
     }
