@@ -144,3 +144,78 @@ async fn launch_finish_fail_kill_pending_and_constraints() {
     }
     let _ = std::fs::remove_dir_all(work);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
+        .unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let supervisor = Supervisor::new(
+        backend.clone(),
+        SupervisorConfig {
+            name: "s1".into(),
+            session_ttl: Duration::from_secs(2),
+            gone_timeout: Duration::from_millis(500),
+            interval: Duration::from_millis(30),
+            placer: Arc::new(FirstFit),
+        },
+    );
+    let sup = tokio::spawn(supervisor.run(stopped(stop_rx.clone())));
+    let work = std::env::temp_dir().join(format!("dprim-tasks-crash-{}", std::process::id()));
+    let mut agents = Vec::new();
+    for id in ["a1", "a2"] {
+        let agent = Agent::new(
+            backend.clone(),
+            AgentConfig {
+                id: id.into(),
+                resources: Resources {
+                    cpus: 1.0,
+                    ..Resources::default()
+                },
+                attributes: Default::default(),
+                work_dir: work.join(id),
+                session_ttl: Duration::from_millis(500),
+                interval: Duration::from_millis(30),
+            },
+        );
+        agents.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
+    }
+    let client = TasksClient::new(backend.clone());
+    let mut s = spec("sh", &["-c", "echo $$ > pid; exec sleep 30"], 1.0);
+    s.restart = RestartPolicy::OnFailure;
+    let id = client.launch(s).await.unwrap();
+    let first = wait_for(&client, &id, TaskState::Running).await;
+    assert_eq!(first.agent.as_deref(), Some("a1"));
+
+    // a1 crashes: no clean close, its session simply stops being renewed.
+    agents[0].abort();
+    wait_for(&client, &id, TaskState::Unreachable).await;
+    // After the gone timeout and the first restart backoff it runs on a2.
+    let mut moved = None;
+    for _ in 0..200 {
+        let s = client.status(&id).await.unwrap();
+        if s.state == TaskState::Running && s.agent.as_deref() == Some("a2") {
+            moved = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        moved.is_some(),
+        "task never moved to a2: {:?}",
+        client.status(&id).await
+    );
+
+    stop_tx.send(true).unwrap();
+    sup.await.unwrap().unwrap();
+    agents.pop().unwrap().await.unwrap().unwrap();
+    // The crashed agent's process is still running (nobody was left to kill it).
+    if let Ok(pid) = std::fs::read_to_string(work.join("a1").join(&id.0).join("1").join("pid")) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    let _ = std::fs::remove_dir_all(work);
+}

@@ -30,6 +30,7 @@ pub struct AgentConfig {
 }
 
 struct Running {
+    launch: u32,
     kill: Option<oneshot::Sender<Duration>>,
     kill_sent: bool,
 }
@@ -126,7 +127,16 @@ impl Agent {
             if session.check().is_err() {
                 tracing::warn!(agent = %self.config.id, "agent session lost; registering again");
                 match self.register().await {
-                    Ok(s) => session = s,
+                    Ok(s) => {
+                        session = s;
+                        // Tell the supervisor which tasks still run here: it
+                        // marked them UNREACHABLE while the agent was gone.
+                        let alive: Vec<(String, u32)> =
+                            running.iter().map(|(t, r)| (t.clone(), r.launch)).collect();
+                        for (task, launch) in alive {
+                            self.report(&task, launch, ReportEvent::Started);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "re-registration failed"),
                 }
             }
@@ -174,7 +184,8 @@ impl Agent {
         let me = self.config.id.clone();
         let assignments: BTreeMap<String, (Assignment, _)> =
             store::list(&self.backend, &store::assign_dir(&me)?).await?;
-        for (task, (a, _)) in assignments {
+        for (task, (a, _)) in &assignments {
+            let task = task.clone();
             if running.contains_key(&task) || done.contains(&(task.clone(), a.launch)) {
                 continue;
             }
@@ -185,6 +196,7 @@ impl Agent {
                     running.insert(
                         task.clone(),
                         Running {
+                            launch: a.launch,
                             kill: Some(kill_tx),
                             kill_sent: false,
                         },
@@ -219,6 +231,21 @@ impl Agent {
                     // Not retried for this launch; the supervisor decides.
                     done.insert((task, a.launch));
                 }
+            }
+        }
+        // A task running here that is no longer assigned here (the
+        // supervisor declared it GONE and replaced it while this agent was
+        // unreachable) must not keep running beside its replacement.
+        for (task, r) in running.iter_mut() {
+            let assigned = assignments
+                .get(task)
+                .is_some_and(|(a, _)| a.launch == r.launch);
+            if !assigned && !r.kill_sent {
+                tracing::warn!(task = %task, "killing a task that was replaced while this agent was away");
+                if let Some(kill) = r.kill.take() {
+                    let _ = kill.send(Duration::ZERO);
+                }
+                r.kill_sent = true;
             }
         }
         let kills: BTreeMap<String, (KillOrder, _)> =
