@@ -152,6 +152,13 @@ on the process yet. Ctrl-C kills the agent's tasks and leaves.")]
     },
     /// Run a supervisor: campaign, and while leader place tasks and track agents.
     Supervisor(SupervisorArgs),
+    /// A one-process demo cluster: a supervisor and three agents run a small
+    /// workload; one agent crashes midway and its task moves.
+    #[command(after_help = "\
+Runs on the embedded in-memory backend unless --config names another. Task
+state changes are printed as they happen; after --duration the demo kills
+what is left, prints a summary and exits 0.")]
+    Demo(DemoArgs),
     /// Validate the config, connect, and print the backend's capabilities.
     Check,
     /// Run the conformance suite against the configured backend.
@@ -248,6 +255,17 @@ pub struct AgentArgs {
     /// TTL of the agent's session (default: the config's session_ttl).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub ttl: Option<Duration>,
+}
+
+/// `dprim demo`
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// How long the demo runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "12s", value_name = "DURATION")]
+    pub duration: Duration,
+    /// When the first agent crashes (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s", value_name = "DURATION")]
+    pub crash_after: Duration,
 }
 
 /// `dprim supervisor`

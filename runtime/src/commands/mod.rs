@@ -5,6 +5,7 @@
 
 mod check;
 mod conformance;
+mod demo;
 mod elect;
 mod kv;
 mod lock;
@@ -32,6 +33,7 @@ pub(crate) async fn dispatch(ctx: &Ctx, command: Command) -> Result<u8, Failure>
         Command::Agent(args) => tasks::agent(ctx, args).await,
         Command::Agents { command } => tasks::agents(ctx, command).await,
         Command::Supervisor(args) => tasks::supervisor(ctx, args).await,
+        Command::Demo(args) => demo::run(ctx, args).await,
         Command::Check => check::run(ctx).await,
         Command::Conformance(args) => conformance::run(ctx, args).await,
     }

@@ -75,13 +75,30 @@ impl Placer for FirstFit {
         });
         Err(if bigger_than_any {
             format!(
-                "the task needs cpus={} mem={}B disk={}B, more than any agent has in total",
-                r.cpus, r.mem_bytes, r.disk_bytes
+                "the task needs cpus={} mem={} disk={}, more than any agent has in total",
+                r.cpus,
+                human_bytes(r.mem_bytes),
+                human_bytes(r.disk_bytes)
             )
         } else {
             "no agent has enough free resources now; waiting for some to free up".into()
         })
     }
+}
+
+/// `67108864` -> `64MiB`: exact binary units where they divide evenly.
+pub fn human_bytes(bytes: u64) -> String {
+    for (unit, size) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
 }
 
 #[cfg(test)]

@@ -33,7 +33,8 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 impl TaskProcess {
     /// Starts `spec` with `sandbox` as its working directory (created if
-    /// needed), stdout in `sandbox/stdout` and stderr in `sandbox/stderr`.
+    /// needed), stdout in `sandbox/stdout`, stderr in `sandbox/stderr` and
+    /// its process (group) id in `sandbox/pid`.
     ///
     /// # Behavior
     /// A command that cannot be started (not found, not executable) is an
@@ -69,6 +70,10 @@ impl TaskProcess {
         let pid = child
             .id()
             .ok_or_else(|| Error::unexpected("the started process has no pid"))?;
+        // The pid (which is also the process group id) is kept in the
+        // sandbox for operators, and so an agent restarted on the same work
+        // dir can find what still runs.
+        let _ = std::fs::write(sandbox.join("pid"), format!("{pid}\n"));
         Ok(TaskProcess {
             child,
             pgid: Pid::from_raw(pid as i32),

@@ -216,6 +216,17 @@ impl Supervisor {
                 }
             }
 
+            for action in &actions {
+                if let TaskAction::Relaunch { after } = action {
+                    rec.relaunch_at = Some(now + *after);
+                    rec.record.message = format!(
+                        "{}; launch {} follows in {}",
+                        rec.record.message,
+                        rec.record.launches + 1,
+                        humantime::format_duration(*after)
+                    );
+                }
+            }
             if rec == before {
                 continue;
             }
@@ -235,7 +246,7 @@ impl Supervisor {
                 Err(e) => return Err(e),
             }
             for action in actions {
-                self.carry_out(id, spec, &mut rec, action).await?;
+                self.carry_out(id, spec, &rec, action).await?;
             }
             if rec.record.state.is_terminal() {
                 if let Some(agent) = &rec.record.agent {
@@ -251,7 +262,7 @@ impl Supervisor {
         &self,
         id: &str,
         spec: &TaskSpec,
-        rec: &mut StatusRecord,
+        rec: &StatusRecord,
         action: TaskAction,
     ) -> Result<()> {
         let b = &self.backend;
@@ -271,14 +282,9 @@ impl Supervisor {
                     store::put(b, &store::kill_key(&agent, id)?, &order).await?;
                 }
             }
-            TaskAction::Relaunch { after } => {
-                rec.relaunch_at = Some(SystemTime::now() + after);
-                let key = store::status_key(id)?;
-                if let Some((_, v)) = store::get::<StatusRecord>(b, &key).await? {
-                    store::put_with(b, &key, rec, Precondition::Version(v), None).await?;
-                }
-            }
-            TaskAction::PublishStatus => {}
+            // Relaunches are scheduled in the record itself (`relaunch_at`),
+            // written before any action; publishing is the record write.
+            TaskAction::Relaunch { .. } | TaskAction::PublishStatus => {}
         }
         Ok(())
     }
