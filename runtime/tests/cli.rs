@@ -450,14 +450,23 @@ fn conformance_filter_matching_nothing_is_an_error() {
 #[test]
 fn demo_shows_a_crashed_agents_task_moving() {
     let out = run(&["demo", "--duration", "9s", "--crash-after", "2s"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let service: Vec<&str> = text.lines().filter(|l| l.contains(" service ")).collect();
     for state in ["UNREACHABLE", "GONE"] {
-        assert!(service.iter().any(|l| l.contains(state)), "no {state} in:\n{text}");
+        assert!(
+            service.iter().any(|l| l.contains(state)),
+            "no {state} in:\n{text}"
+        );
     }
     assert!(
-        service.iter().any(|l| l.contains("RUNNING") && l.contains("agent-2")),
+        service
+            .iter()
+            .any(|l| l.contains("RUNNING") && l.contains("agent-2")),
         "the service never ran on agent-2:\n{text}"
     );
     assert!(text.contains("more than any agent"), "{text}");

@@ -3,7 +3,7 @@
 //! what happens to them. Reports that cannot be written (backend
 //! unreachable) are kept in order and written when it can.
 
-use super::process::TaskProcess;
+use super::process::{Enforcement, TaskProcess};
 use super::store::{self, AgentInfo, Assignment, KillOrder, Report, ReportEvent};
 use dprim::tasks::Resources;
 use dprim::{Backend, Result, Session};
@@ -45,6 +45,7 @@ struct Exit {
 /// One agent.
 pub struct Agent {
     backend: Backend,
+    enforcement: Enforcement,
     config: AgentConfig,
     seq: u64,
     outbox: VecDeque<(String, Report)>,
@@ -57,8 +58,11 @@ impl Agent {
         let seq = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
+        let enforcement = Enforcement::detect();
+        tracing::info!(agent = %config.id, enforcement = %enforcement.describe(), "resource enforcement");
         Agent {
             backend,
+            enforcement,
             config,
             seq,
             outbox: VecDeque::new(),
@@ -72,6 +76,7 @@ impl Agent {
             .open(self.config.session_ttl)
             .await?;
         let info = AgentInfo {
+            enforcement: self.enforcement.describe(),
             id: self.config.id.clone(),
             resources: self.config.resources.clone(),
             attributes: self.config.attributes.clone(),
@@ -190,7 +195,7 @@ impl Agent {
                 continue;
             }
             let sandbox = self.config.work_dir.join(&task).join(a.launch.to_string());
-            match TaskProcess::spawn(&a.spec, &sandbox) {
+            match TaskProcess::spawn(&a.spec, &sandbox, &self.enforcement) {
                 Ok(mut process) => {
                     let (kill_tx, kill_rx) = oneshot::channel::<Duration>();
                     running.insert(

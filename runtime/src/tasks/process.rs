@@ -13,6 +13,42 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
+/// How an agent holds tasks to the resources they asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Memory as a data-segment rlimit (RLIMIT_DATA, which covers the heap
+    /// and private anonymous mappings), applied through util-linux
+    /// `prlimit`; CPU shares are not enforced.
+    Rlimit {
+        /// Path of the `prlimit` program.
+        prlimit: PathBuf,
+    },
+    /// Nothing is enforced; resources only steer placement.
+    None,
+}
+
+impl Enforcement {
+    /// What this machine allows. cgroup v2 (memory.max / cpu.max) is not
+    /// used yet; with `prlimit` available memory is limited by rlimit.
+    pub fn detect() -> Enforcement {
+        for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+            let p = Path::new(dir).join("prlimit");
+            if p.exists() {
+                return Enforcement::Rlimit { prlimit: p };
+            }
+        }
+        Enforcement::None
+    }
+
+    /// A one-line description for logs and the agent's registration.
+    pub fn describe(&self) -> String {
+        match self {
+            Enforcement::Rlimit { .. } => "rlimit: memory as RLIMIT_DATA; cpu not enforced".into(),
+            Enforcement::None => "none: resources steer placement only".into(),
+        }
+    }
+}
+
 /// A started task process.
 #[derive(Debug)]
 pub struct TaskProcess {
@@ -39,7 +75,11 @@ impl TaskProcess {
     /// # Behavior
     /// A command that cannot be started (not found, not executable) is an
     /// `InvalidArgument` error naming it; nothing keeps running.
-    pub fn spawn(spec: &TaskSpec, sandbox: &Path) -> Result<TaskProcess> {
+    pub fn spawn(
+        spec: &TaskSpec,
+        sandbox: &Path,
+        enforcement: &Enforcement,
+    ) -> Result<TaskProcess> {
         spec.validate()?;
         let io = |e: std::io::Error, what: &str| {
             Error::new(
@@ -52,7 +92,16 @@ impl TaskProcess {
             .map_err(|e| io(e, "cannot create stdout"))?;
         let stderr = std::fs::File::create(sandbox.join("stderr"))
             .map_err(|e| io(e, "cannot create stderr"))?;
-        let mut cmd = Command::new(&spec.command);
+        let mut cmd = match enforcement {
+            Enforcement::Rlimit { prlimit } if spec.resources.mem_bytes > 0 => {
+                let mut c = Command::new(prlimit);
+                c.arg(format!("--data={}", spec.resources.mem_bytes))
+                    .arg("--")
+                    .arg(&spec.command);
+                c
+            }
+            _ => Command::new(&spec.command),
+        };
         cmd.args(&spec.args)
             .envs(&spec.env)
             .env("DPRIM_SANDBOX", sandbox)
@@ -132,6 +181,12 @@ mod tests {
         }
     }
 
+    impl TaskProcess {
+        fn spawn_plain(spec: &TaskSpec, sandbox: &Path) -> Result<TaskProcess> {
+            TaskProcess::spawn(spec, sandbox, &Enforcement::None)
+        }
+    }
+
     fn sandbox(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("dprim-sandbox-{}-{name}", std::process::id()))
     }
@@ -140,7 +195,7 @@ mod tests {
     async fn exit_code_and_output_files() {
         let dir = sandbox("exit");
         let mut p =
-            TaskProcess::spawn(&spec("sh", &["-c", "echo out; echo err >&2; exit 3"]), &dir)
+            TaskProcess::spawn_plain(&spec("sh", &["-c", "echo out; echo err >&2; exit 3"]), &dir)
                 .unwrap();
         assert_eq!(p.wait().await.unwrap(), 3);
         assert_eq!(
@@ -159,7 +214,7 @@ mod tests {
         let dir = sandbox("kill");
         // A child that ignores SIGTERM and starts a grandchild in its group.
         let script = "trap '' TERM; sleep 30 & echo $! > grandchild; wait";
-        let mut p = TaskProcess::spawn(&spec("sh", &["-c", script]), &dir).unwrap();
+        let mut p = TaskProcess::spawn_plain(&spec("sh", &["-c", script]), &dir).unwrap();
         let grandchild_file = dir.join("grandchild");
         for _ in 0..100 {
             if std::fs::read_to_string(&grandchild_file).is_ok_and(|s| !s.trim().is_empty()) {
@@ -191,15 +246,37 @@ mod tests {
     #[tokio::test]
     async fn sigterm_is_enough_for_a_cooperative_task() {
         let dir = sandbox("term");
-        let mut p = TaskProcess::spawn(&spec("sleep", &["30"]), &dir).unwrap();
+        let mut p = TaskProcess::spawn_plain(&spec("sleep", &["30"]), &dir).unwrap();
         assert_eq!(p.kill(Duration::from_secs(10)).await.unwrap(), 128 + 15);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn memory_limit_is_enforced_with_rlimit() {
+        let Enforcement::Rlimit { .. } = Enforcement::detect() else {
+            return; // no prlimit on this machine: nothing to enforce with
+        };
+        let dir = sandbox("rlimit");
+        let grab = "x = bytearray(300 * 1024 * 1024)";
+        let mut small = spec("python3", &["-c", grab]);
+        small.resources.mem_bytes = 64 << 20;
+        let mut p = TaskProcess::spawn(&small, &dir, &Enforcement::detect()).unwrap();
+        assert_ne!(
+            p.wait().await.unwrap(),
+            0,
+            "a 300 MiB allocation fit in 64 MiB"
+        );
+        let mut big = spec("python3", &["-c", grab]);
+        big.resources.mem_bytes = 2 << 30;
+        let mut p = TaskProcess::spawn(&big, &dir, &Enforcement::detect()).unwrap();
+        assert_eq!(p.wait().await.unwrap(), 0);
         let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn unknown_command_is_a_clear_error() {
         let dir = sandbox("missing");
-        let e = TaskProcess::spawn(&spec("/nonexistent/cmd", &[]), &dir).unwrap_err();
+        let e = TaskProcess::spawn_plain(&spec("/nonexistent/cmd", &[]), &dir).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert!(e.to_string().contains("/nonexistent/cmd"), "{e}");
         let _ = std::fs::remove_dir_all(dir);

@@ -125,6 +125,9 @@ pub(crate) struct Report {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct AgentInfo {
     pub id: String,
+    /// How the agent enforces resources (see `process::Enforcement`).
+    #[serde(default)]
+    pub enforcement: String,
     pub resources: Resources,
     pub attributes: BTreeMap<String, String>,
 }
