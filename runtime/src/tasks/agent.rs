@@ -128,6 +128,13 @@ impl Agent {
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut done: HashSet<(String, u32)> = HashSet::new();
         let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<Exit>();
+        let mut waker = store::Waker::new(
+            self.backend.clone(),
+            vec![
+                store::assign_dir(&self.config.id)?,
+                store::kill_dir(&self.config.id)?,
+            ],
+        );
         loop {
             if session.check().is_err() {
                 tracing::warn!(agent = %self.config.id, "agent session lost; registering again");
@@ -168,6 +175,7 @@ impl Agent {
                     self.report(&exit.task, exit.launch, event);
                     self.flush().await;
                 }
+                _ = waker.changed() => {}
                 _ = tokio::time::sleep(self.config.interval) => {}
             }
         }

@@ -199,3 +199,54 @@ pub(crate) fn new_task_id() -> String {
         .map_or(0, |d| d.as_millis());
     format!("t{millis:011x}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
+
+/// Wakes a loop when anything under some directories changes, so the
+/// supervisor and agents react at once instead of at their next interval.
+/// A broken watch is reopened on the next call; until then the caller's
+/// interval still drives it.
+pub(crate) struct Waker {
+    backend: Backend,
+    dirs: Vec<Key>,
+    changes: Option<futures::stream::SelectAll<dprim::WatchStream>>,
+}
+
+impl Waker {
+    pub(crate) fn new(backend: Backend, dirs: Vec<Key>) -> Waker {
+        Waker {
+            backend,
+            dirs,
+            changes: None,
+        }
+    }
+
+    /// Resolves at the next change (never, if the watches cannot be opened).
+    pub(crate) async fn changed(&mut self) {
+        use futures::StreamExt;
+        if self.changes.is_none() {
+            let mut streams = Vec::new();
+            for dir in &self.dirs {
+                match self
+                    .backend
+                    .kv()
+                    .watch(dprim::WatchTarget::Dir(dir.clone()), dprim::WatchStart::Now)
+                    .await
+                {
+                    Ok(s) => streams.push(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot watch for task changes; polling");
+                        return std::future::pending().await;
+                    }
+                }
+            }
+            self.changes = Some(futures::stream::select_all(streams));
+        }
+        let Some(changes) = self.changes.as_mut() else {
+            return std::future::pending().await;
+        };
+        match changes.next().await {
+            Some(Ok(dprim::WatchEvent::Put(_) | dprim::WatchEvent::Delete { .. })) => {}
+            // Resync, an error or the end: reopen next time.
+            _ => self.changes = None,
+        }
+    }
+}

@@ -63,6 +63,10 @@ impl Supervisor {
                 Err(e) => return Err(e),
             };
             tracing::info!(term = %leadership.term(), name = %self.config.name, "supervisor elected");
+            let mut waker = store::Waker::new(
+                self.backend.clone(),
+                vec![store::key("_dprim/tasks".into())?, store::agents_dir()?],
+            );
             loop {
                 if leadership.check().is_err() {
                     break;
@@ -77,6 +81,7 @@ impl Supervisor {
                         return Ok(());
                     }
                     _ = leadership.lost() => break,
+                    _ = waker.changed() => {}
                     _ = tokio::time::sleep(self.config.interval) => {}
                 }
             }

@@ -1,0 +1,129 @@
+//! Task launch latency and rate: launch -> RUNNING for a no-op task
+//! (p50/p99), and launches per second, with 100 agents, a supervisor and the
+//! tasks client in this process, on the backend DPRIM_BENCH_CONFIG names
+//! (default: the embedded in-memory backend).
+//!
+//! `cargo bench -p dprim-runtime --bench task_launch`
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use dprim::tasks::{Resources, TaskSpec, TaskState};
+use dprim::{Config, TaskId, Tasks};
+use dprim_runtime::tasks::agent::{Agent, AgentConfig};
+use dprim_runtime::tasks::client::TasksClient;
+use dprim_runtime::tasks::placement::FirstFit;
+use dprim_runtime::tasks::supervisor::{Supervisor, SupervisorConfig};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const AGENTS: usize = 100;
+
+#[tokio::main]
+async fn main() {
+    let config = match std::env::var("DPRIM_BENCH_CONFIG") {
+        Ok(path) => Config::from_file(std::path::Path::new(&path)).unwrap(),
+        Err(_) => Config::memory(),
+    };
+    let config = {
+        let ns = format!("bench-tasks-{}", std::process::id());
+        let mut c = config;
+        c.backend = c.backend.with_namespace(ns);
+        c
+    };
+    let sequential: usize = std::env::var("DPRIM_BENCH_LAUNCHES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let backend = dprim_runtime::open_config(&config).await.unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let work = std::env::temp_dir().join(format!("dprim-bench-tasks-{}", std::process::id()));
+    let ttl = Duration::from_secs(5);
+    let sup = Supervisor::new(
+        backend.clone(),
+        SupervisorConfig {
+            name: "bench".into(),
+            session_ttl: ttl,
+            gone_timeout: Duration::from_secs(30),
+            interval: Duration::from_millis(100),
+            placer: Arc::new(FirstFit),
+        },
+    );
+    let mut handles = vec![tokio::spawn(sup.run(stopped(stop_rx.clone())))];
+    for i in 0..AGENTS {
+        let agent = Agent::new(
+            backend.clone(),
+            AgentConfig {
+                id: format!("agent-{i:03}"),
+                resources: Resources {
+                    cpus: 8.0,
+                    mem_bytes: 1 << 34,
+                    disk_bytes: 1 << 34,
+                    ports: vec![],
+                },
+                attributes: Default::default(),
+                work_dir: work.join(format!("agent-{i:03}")),
+                session_ttl: ttl,
+                interval: Duration::from_millis(100),
+            },
+        );
+        handles.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
+    }
+    let client = TasksClient::new(backend.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Launch -> RUNNING seen through the status watch, one task at a time.
+    let mut updates = client.watch().await.unwrap();
+    let noop = TaskSpec {
+        command: "true".into(),
+        resources: Resources {
+            cpus: 0.01,
+            ..Resources::default()
+        },
+        ..TaskSpec::default()
+    };
+    let mut latencies = Vec::new();
+    for _ in 0..sequential {
+        let t = Instant::now();
+        let id = client.launch(noop.clone()).await.unwrap();
+        loop {
+            let s = updates.next().await.unwrap().unwrap();
+            if s.id == id && matches!(s.state, TaskState::Running | TaskState::Finished) {
+                break;
+            }
+        }
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+
+    // Rate: launch a batch at once and wait until every task ran.
+    let batch = sequential * 2;
+    let t = Instant::now();
+    let mut pending: HashMap<TaskId, ()> = HashMap::new();
+    for _ in 0..batch {
+        pending.insert(client.launch(noop.clone()).await.unwrap(), ());
+    }
+    while !pending.is_empty() {
+        let s = updates.next().await.unwrap().unwrap();
+        if matches!(s.state, TaskState::Running | TaskState::Finished) {
+            pending.remove(&s.id);
+        }
+    }
+    let rate = batch as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "backend {}, {AGENTS} agents, no-op task: launch -> RUNNING p50 {:.1} ms, p99 {:.1} ms over {sequential} launches; {rate:.0} launches/s over a batch of {batch}",
+        backend.kind(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+    );
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        let _ = h.await;
+    }
+    let _ = std::fs::remove_dir_all(work);
+}
