@@ -30,7 +30,8 @@ echo "==> starting nats-server (JetStream, 127.0.0.1:4222)"
 scripts/nats.sh start
 
 echo "==> cargo test --workspace"
-DPRIM_TEST_ETCD=127.0.0.1:2379 cargo test --workspace --locked
+# The multi-process task scenarios run against the servers started above.
+DPRIM_TASKS_BACKENDS=etcd,zookeeper,nats cargo test --workspace --locked
 
 dprim="$CARGO_TARGET_DIR/debug/dprim"
 for backend in memory etcd zookeeper nats; do

@@ -6,8 +6,8 @@
 
 use crate::error::{Error, Result};
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};

@@ -167,7 +167,10 @@ async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
     let sup = tokio::spawn(supervisor.run(stopped(stop_rx.clone())));
     let work = std::env::temp_dir().join(format!("dprim-tasks-crash-{}", std::process::id()));
     let mut agents = Vec::new();
-    for id in ["a1", "a2"] {
+    // a2 is made first, so its report sequence numbers start below a1's:
+    // the relaunch on a2 must still be tracked (sequence numbers are only
+    // compared within one launch).
+    for id in ["a2", "a1"] {
         let agent = Agent::new(
             backend.clone(),
             AgentConfig {
@@ -185,6 +188,21 @@ async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
         agents.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
     }
     let client = TasksClient::new(backend.clone());
+    // Both agents registered, so first fit (by id) picks a1.
+    let agents_dir = dprim::Key::new("_dprim/agents").unwrap();
+    for _ in 0..200 {
+        let n = backend
+            .kv()
+            .list(&agents_dir, dprim::Depth::Children)
+            .await
+            .unwrap()
+            .entries
+            .len();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut s = spec("sh", &["-c", "echo $$ > pid; exec sleep 30"], 1.0);
     s.restart = RestartPolicy::OnFailure;
     let id = client.launch(s).await.unwrap();
@@ -192,7 +210,7 @@ async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
     assert_eq!(first.agent.as_deref(), Some("a1"));
 
     // a1 crashes: no clean close, its session simply stops being renewed.
-    agents[0].abort();
+    agents[1].abort();
     wait_for(&client, &id, TaskState::Unreachable).await;
     // After the gone timeout and the first restart backoff it runs on a2.
     let mut moved = None;
@@ -212,7 +230,7 @@ async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
 
     stop_tx.send(true).unwrap();
     sup.await.unwrap().unwrap();
-    agents.pop().unwrap().await.unwrap().unwrap();
+    agents.remove(0).await.unwrap().unwrap();
     // The crashed agent's process is still running (nobody was left to kill it).
     if let Ok(pid) = std::fs::read_to_string(work.join("a1").join(&id.0).join("1").join("pid")) {
         let _ = std::process::Command::new("kill").arg(pid.trim()).status();

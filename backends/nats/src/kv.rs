@@ -4,8 +4,8 @@
 //! consumers (last-per-subject, or from a start sequence). Delete markers
 //! stay in the bucket (history) but are never shown as values.
 
-use crate::store::{owned, Record};
-use crate::Nats;
+use crate::store::{owned, Record, ROLLUP};
+use crate::{Nats, HISTORY};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dprim::{
@@ -63,16 +63,16 @@ impl Kv for NatsKv {
         let subject = self.nats.layout.kv_key(key);
         let payload = Bytes::from(value.into_bytes());
         let session = options.session.map(|s| s.0);
+        let nats = &self.nats;
         let write = |expect: Option<u64>| {
-            let (subject, payload) = (subject.clone(), payload.clone());
-            let nats = self.nats.clone();
+            let (subject, payload) = (&subject, payload.clone());
             async move {
                 match session {
                     Some(s) => {
-                        nats.write_owned(&subject, payload, owned(None), expect, s)
+                        nats.write_owned(subject, payload, owned(None), expect, s)
                             .await
                     }
-                    None => nats.write(&subject, payload, owned(None), expect).await,
+                    None => nats.write(subject, payload, owned(None), expect).await,
                 }
             }
         };
@@ -184,25 +184,49 @@ impl Kv for NatsKv {
             WatchTarget::Key(k) => self.nats.layout.kv_key(k),
             WatchTarget::Dir(d) => self.nats.layout.kv_dir_filter(d, true),
         };
-        let (tx, rx) = mpsc::channel(256);
+        let resync_now = |reason: String| {
+            Ok(WatchStream::new(
+                futures::stream::iter([Ok(WatchEvent::Resync { reason })]).boxed(),
+            ))
+        };
         let from = match start {
             WatchStart::Now => None,
             WatchStart::After(v) => {
                 let (first, _) = self.nats.last_seq().await?;
                 if first > v.get() + 1 {
-                    let reason = format!(
+                    return resync_now(format!(
                         "the bucket no longer holds changes after version {v} (its oldest is {first}); re-list and watch from the listing's revision"
-                    );
-                    let _ = tx.send(Ok(WatchEvent::Resync { reason })).await;
-                    drop(tx);
-                    return Ok(WatchStream::new(receiver(rx).boxed()));
+                    ));
                 }
                 Some(v.get() + 1)
             }
         };
         // The consumer exists before `watch` returns, so every later change
         // is covered.
-        let mut changes = Box::pin(self.nats.follow(&filter, from).await?);
+        let follow = self.nats.follow(&filter, from).await?;
+        if let Some(from) = from {
+            // A key keeps HISTORY revisions: one whose changes after the
+            // start point were trimmed holds HISTORY messages after it, so
+            // fewer pending messages prove nothing was trimmed. Otherwise
+            // look at every full key under the filter.
+            if follow.pending >= HISTORY as u64 {
+                for subject in self.nats.full_subjects(&filter).await? {
+                    if !self.nats.history_intact(&subject, from - 1).await? {
+                        let key = self
+                            .nats
+                            .layout
+                            .app_key(&subject)
+                            .map_or(subject.clone(), |k| k.to_string());
+                        return resync_now(format!(
+                            "key `{key}` changed more than {HISTORY} times after version {}, and the bucket keeps only its last {HISTORY} changes; re-list and watch from the listing's revision",
+                            from - 1
+                        ));
+                    }
+                }
+            }
+        }
+        let mut changes = follow.changes;
+        let (tx, rx) = mpsc::channel(256);
         let nats = self.nats.clone();
         tokio::spawn(async move {
             loop {
@@ -211,10 +235,22 @@ impl Kv for NatsKv {
                     item = changes.next() => item,
                 };
                 let event = match item {
-                    Some(Ok(r)) => match event(&nats, &r) {
-                        Ok(Some(e)) => Ok(e),
-                        Ok(None) => continue,
-                        Err(e) => Err(e),
+                    Some(Ok((r, pending))) => match trimmed_before(&nats, &r, pending).await {
+                        Ok(false) => match event(&nats, &r) {
+                            Ok(Some(e)) => Ok(e),
+                            Ok(None) => continue,
+                            Err(e) => Err(e),
+                        },
+                        Ok(true) => Ok(WatchEvent::Resync {
+                            reason: format!(
+                                "the watch fell more than {HISTORY} changes of one key behind and the bucket trimmed some of them; re-list and watch again"
+                            ),
+                        }),
+                        Err(e) => Ok(WatchEvent::Resync {
+                            reason: format!(
+                                "the NATS watch could not check its history ({e}); re-list and watch again"
+                            ),
+                        }),
                     },
                     Some(Err(e)) => Ok(WatchEvent::Resync {
                         reason: format!("the NATS watch broke ({e}); re-list and watch again"),
@@ -234,6 +270,29 @@ impl Kv for NatsKv {
         });
         Ok(WatchStream::new(receiver(rx).boxed()))
     }
+}
+
+/// Whether changes of `r`'s key that the watch owes may have been trimmed
+/// just before `r` was delivered (so `r` must not be delivered after the
+/// gap).
+///
+/// The consumer delivers in stream order. If a change of the key older than
+/// `r` was trimmed before the consumer reached it, the key had HISTORY newer
+/// changes then, all of them at or after `r` (none between was delivered),
+/// so at least HISTORY - 1 matching messages were pending after `r`. The
+/// server's pending count needs only to be in the right range to skip the
+/// exact check: it is trusted below half of that, with a wide margin.
+/// The exact check (`history_intact`) then asks the bucket.
+async fn trimmed_before(nats: &Nats, r: &Record, pending: u64) -> Result<bool> {
+    if r.header(ROLLUP).is_some() && nats.layout.app_key(&r.subject).is_some() {
+        // A rollup (never written by dprim on app keys) removed the key's
+        // earlier changes, which the watch may not have seen.
+        return Ok(true);
+    }
+    if pending.saturating_add(1) < HISTORY as u64 / 2 {
+        return Ok(false);
+    }
+    Ok(!nats.history_intact(&r.subject, r.seq - 1).await?)
 }
 
 fn event(nats: &Nats, r: &Record) -> Result<Option<WatchEvent>> {

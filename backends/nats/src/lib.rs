@@ -70,8 +70,10 @@ pub fn capabilities() -> Capabilities {
 pub(crate) struct Nats {
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
-    pub(crate) kv: jetstream::stream::Stream,
-    pub(crate) queues: jetstream::stream::Stream,
+    // Shared: a stream handle holds the stream's whole info, and `Nats`
+    // is cloned on hot paths.
+    pub(crate) kv: Arc<jetstream::stream::Stream>,
+    pub(crate) queues: Arc<jetstream::stream::Stream>,
     pub(crate) layout: Layout,
     pub(crate) request_timeout: Duration,
 }
@@ -212,8 +214,8 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
     let nats = Nats {
         client,
         js,
-        kv,
-        queues,
+        kv: Arc::new(kv),
+        queues: Arc::new(queues),
         layout: Layout::new(&namespace),
         request_timeout: config.request_timeout,
     };

@@ -10,6 +10,7 @@ use crate::store::{owned, Record};
 use crate::Nats;
 use bytes::Bytes;
 use dprim::{Error, Result, Session};
+use futures::StreamExt;
 use tokio::time::Instant;
 
 /// One place in a line.
@@ -125,9 +126,11 @@ impl Line {
         &self,
         from: u64,
     ) -> Result<impl futures::Stream<Item = Result<Record>> + Send + 'static> {
-        self.nats
+        let follow = self
+            .nats
             .follow(&format!("{}.*", self.prefix), Some(from))
-            .await
+            .await?;
+        Ok(follow.changes.map(|r| r.map(|(r, _)| r)))
     }
 }
 

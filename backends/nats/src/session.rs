@@ -76,7 +76,7 @@ async fn reap(nats: Nats) {
 }
 
 async fn reap_once(nats: &Nats) -> Result<()> {
-    let mut ends = Box::pin(nats.follow(&nats.layout.heartbeats(), None).await?);
+    let mut ends = nats.follow(&nats.layout.heartbeats(), None).await?.changes;
     // Sessions that ended while no client was following them.
     let sweeper = nats.clone();
     tokio::spawn(async move {
@@ -85,7 +85,7 @@ async fn reap_once(nats: &Nats) -> Result<()> {
         }
     });
     while let Some(r) = ends.next().await {
-        let r = r?;
+        let (r, _) = r?;
         if r.is_deleted() {
             if let Some(s) = nats.layout.heartbeat_session(&r.subject) {
                 if let Err(e) = nats.cleanup_session(s).await {

@@ -20,6 +20,8 @@ pub(crate) const SESSION_HEADER: &str = "Dprim-Session";
 pub(crate) const TERM_HEADER: &str = "Dprim-Term";
 const OPERATION: &str = "KV-Operation";
 const MARKER_REASON: &str = "Nats-Marker-Reason";
+/// Set on a message that removed every earlier message of its subject.
+pub(crate) const ROLLUP: &str = "Nats-Rollup";
 /// How long the markers of removed internal records stay in the bucket.
 const INTERNAL_MARKER_TTL: Duration = Duration::from_secs(60);
 /// How long a scan waits for a record it was told about but that may have
@@ -69,6 +71,14 @@ impl Record {
             headers: m.headers.clone(),
         })
     }
+}
+
+/// Changes of the subjects matching a filter, from a start point.
+pub(crate) struct Follow {
+    /// Matching messages at or after the start point when the follow began.
+    pub(crate) pending: u64,
+    /// Each change with the count of matching messages after it.
+    pub(crate) changes: futures::stream::BoxStream<'static, Result<(Record, u64)>>,
 }
 
 /// Headers of an owned (ephemeral) record.
@@ -125,7 +135,11 @@ impl Nats {
         headers: HeaderMap,
         expect: Option<u64>,
     ) -> Result<u64> {
-        let mut publish = PublishMessage::build().payload(payload).headers(headers);
+        let mut publish = PublishMessage::build().payload(payload);
+        // Without headers the server has none to parse.
+        if !headers.is_empty() {
+            publish = publish.headers(headers);
+        }
         if let Some(seq) = expect {
             publish = publish.expected_last_subject_sequence(seq);
         }
@@ -153,7 +167,7 @@ impl Nats {
     pub(crate) async fn purge(&self, subject: &str, expect: Option<u64>) -> Result<u64> {
         let mut h = HeaderMap::new();
         h.insert(OPERATION, "PURGE");
-        h.insert("Nats-Rollup", "sub");
+        h.insert(ROLLUP, "sub");
         h.insert("Nats-TTL", INTERNAL_MARKER_TTL.as_secs().to_string());
         self.write(subject, Bytes::new(), h, expect).await
     }
@@ -180,6 +194,23 @@ impl Nats {
                 }),
             )
             .await?;
+        let name = consumer.cached_info().name.clone();
+        let result = self.drain_scan(consumer, before).await;
+        // Delete it now rather than wait for the ordered consumer's 30 s
+        // inactivity threshold: clients that list often would otherwise pile
+        // up consumers past the server's default limit of 1,000 per stream.
+        let kv = self.kv.clone();
+        tokio::spawn(async move {
+            let _ = kv.delete_consumer(&name).await;
+        });
+        result
+    }
+
+    async fn drain_scan(
+        &self,
+        consumer: async_nats::jetstream::consumer::Consumer<OrderedConfig>,
+        before: u64,
+    ) -> Result<(Vec<Record>, u64)> {
         if consumer.cached_info().num_pending == 0 {
             return Ok((Vec::new(), before));
         }
@@ -225,12 +256,9 @@ impl Nats {
     }
 
     /// Follows every change of subjects matching `filter`, from sequence
-    /// `from` (inclusive) or, with `None`, from now on.
-    pub(crate) async fn follow(
-        &self,
-        filter: &str,
-        from: Option<u64>,
-    ) -> Result<impl futures::Stream<Item = Result<Record>> + Send + 'static> {
+    /// `from` (inclusive) or, with `None`, from now on. Each record comes
+    /// with the server's count of matching messages after it.
+    pub(crate) async fn follow(&self, filter: &str, from: Option<u64>) -> Result<Follow> {
         let deliver_policy = match from {
             Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
             None => DeliverPolicy::New,
@@ -245,20 +273,81 @@ impl Nats {
                 }),
             )
             .await?;
+        let pending = consumer.cached_info().num_pending;
         let messages = self.call("watch", consumer.messages()).await?;
-        Ok(messages.map(|m| match m {
-            Ok(m) => Record::from_message(&m),
-            Err(e) => Err(map_error("watch", e)),
-        }))
+        Ok(Follow {
+            pending,
+            changes: Box::pin(messages.map(|m| match m {
+                Ok(m) => {
+                    let pending = m.info().map(|i| i.pending).unwrap_or(u64::MAX);
+                    Record::from_message(&m).map(|r| (r, pending))
+                }
+                Err(e) => Err(map_error("watch", e)),
+            })),
+        })
+    }
+
+    /// Whether `subject` still holds every message it got after sequence
+    /// `after`, judged from what the bucket holds now.
+    ///
+    /// The bucket removes a subject's messages only oldest first: by the
+    /// per-subject limit (`HISTORY`), which leaves the subject full, or by a
+    /// rollup (never used on app keys by dprim), whose marker stays as the
+    /// subject's oldest message. So history after `after` is intact when the
+    /// subject's oldest message is at or before `after`, or when the subject
+    /// holds fewer than `HISTORY` messages and its oldest is no rollup. A
+    /// full subject whose oldest message is newer than `after` may have
+    /// lost some (or may have had exactly `HISTORY` changes since): `false`.
+    pub(crate) async fn history_intact(&self, subject: &str, after: u64) -> Result<bool> {
+        let oldest = match self
+            .call("watch", self.kv.direct_get_first_for_subject(subject))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        if oldest.sequence <= after {
+            return Ok(true);
+        }
+        if oldest.headers.get(ROLLUP).is_some() {
+            return Ok(false);
+        }
+        let mut counts = self
+            .call("watch", self.kv.info_with_subjects(subject))
+            .await?;
+        while let Some(item) = counts.next().await {
+            let (s, count) = item.map_err(|e| map_error("watch", e))?;
+            if s == subject {
+                return Ok((count as i64) < crate::HISTORY);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The subjects matching `filter` that hold `HISTORY` messages (the
+    /// only ones the per-subject limit can have trimmed).
+    pub(crate) async fn full_subjects(&self, filter: &str) -> Result<Vec<String>> {
+        let mut counts = self
+            .call("watch", self.kv.info_with_subjects(filter))
+            .await?;
+        let mut full = Vec::new();
+        while let Some(item) = counts.next().await {
+            let (s, count) = item.map_err(|e| map_error("watch", e))?;
+            if count as i64 >= crate::HISTORY {
+                full.push(s);
+            }
+        }
+        Ok(full)
     }
 
     /// Waits until `subject` gets a deleted record at or after `from`, the
     /// watch breaks (the caller then looks again).
     pub(crate) async fn wait_deleted(&self, subject: &str, from: u64) -> Result<()> {
-        let mut changes = Box::pin(self.follow(subject, Some(from)).await?);
+        let mut changes = self.follow(subject, Some(from)).await?.changes;
         while let Some(r) = changes.next().await {
             match r {
-                Ok(r) if r.is_deleted() => return Ok(()),
+                Ok((r, _)) if r.is_deleted() => return Ok(()),
                 Ok(_) => {}
                 Err(_) => return Ok(()),
             }

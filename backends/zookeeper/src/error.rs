@@ -34,6 +34,13 @@ pub(crate) fn map_error(e: zookeeper_client::Error) -> Error {
             ErrorKind::Unavailable,
             format!("zookeeper connection lost: {e}; check `endpoints` and that the servers are running"),
         ),
+        // The client fails requests in flight with the connection's own
+        // failure (an I/O error such as a reset, or no response in time)
+        // when a server goes away; the session reconnects by itself.
+        Z::Custom(_) => (
+            ErrorKind::Unavailable,
+            format!("zookeeper connection failed: {e}; check `endpoints` and that the servers are running"),
+        ),
         Z::NoHosts => (
             ErrorKind::Unavailable,
             "no zookeeper server could be reached; check `endpoints` and that the servers are running".to_string(),

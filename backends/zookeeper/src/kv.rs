@@ -13,6 +13,19 @@
 //! version. Deletions the server makes on its own (ephemeral keys of an
 //! expired session) have no record: the persistent recursive watch reports
 //! them, versioned by their parent's pzxid.
+//!
+//! ZooKeeper's conditional ops compare `stat.version`, a per-znode counter
+//! that starts again when a znode is deleted and created anew, so on its own
+//! it does not pin dprim's version (the mzxid). The generation znode
+//! (`/<ns>/!kv/!gen`) closes that gap: every logged change that removes a
+//! key's znode also bumps its data version, and a version-conditional write
+//! checks the generation observed, through the same session, before the key
+//! was read. If no key znode was removed since, the same `stat.version`
+//! means the same incarnation and so the same mzxid. That lets a CAS go
+//! straight to its `multi` with the `stat.version` remembered from the read
+//! that produced the version (no second read), falling back to a read when
+//! the guess is stale. Keys attached to a session are never remembered: the
+//! server deletes them on its own, without bumping the generation.
 
 use crate::layout::{parent, sequence};
 use crate::Zk;
@@ -23,6 +36,8 @@ use dprim::{
 };
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use zookeeper_client::{
@@ -37,6 +52,98 @@ const LOG_TRIM_EVERY: i64 = 128;
 /// Most value bytes one transaction may carry: each value is written twice
 /// (the key and its log record) and a ZooKeeper request is at most 1 MB.
 const MAX_TXN_VALUE_BYTES: usize = 400 * 1024;
+
+/// Keys whose (mzxid -> stat.version) pair is remembered; past this the
+/// memory starts over (a forgotten key costs one read on its next CAS).
+const REMEMBER_KEYS: usize = 4096;
+/// Log records deleted per trimming `multi`.
+const TRIM_CHUNK: usize = 256;
+
+/// Kv state shared by every kv instance of one backend.
+#[derive(Default)]
+pub(crate) struct KvState {
+    /// Set while a log trim runs: one at a time is enough, as each trims
+    /// everything old enough.
+    trimming: AtomicBool,
+    remembered: Mutex<HashMap<Key, Remembered>>,
+}
+
+/// What a read or a write of the main session saw of a persistent key.
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    mzxid: i64,
+    version: i32,
+    /// The generation observed through the main session before that read.
+    generation: i64,
+}
+
+impl KvState {
+    fn remember(&self, key: &Key, r: Option<Remembered>) {
+        let mut map = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Some(r) => {
+                if map.len() >= REMEMBER_KEYS && !map.contains_key(key) {
+                    map.clear();
+                }
+                map.insert(key.clone(), r);
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+    }
+
+    fn recall(&self, key: &Key, mzxid: i64) -> Option<Remembered> {
+        let map = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).copied().filter(|r| r.mzxid == mzxid)
+    }
+}
+
+/// Reads the generation through `client` (creating its znode if missing)
+/// and records it in `cell`, the generation of `client`'s session.
+async fn refresh_generation(zk: &Zk, client: &Client, cell: &AtomicI64) -> Result<i64> {
+    let path = zk.layout().gen_node();
+    let stat = match zk.call("exists", client.check_stat(&path)).await? {
+        Some(s) => s,
+        None => {
+            zk.mkdirs(client, &path).await?;
+            zk.call("exists", client.check_stat(&path))
+                .await?
+                .ok_or_else(|| Error::unexpected(format!("{path} vanished right after creation")))?
+        }
+    };
+    let g = i64::from(stat.version);
+    cell.fetch_max(g, Ordering::SeqCst);
+    Ok(g)
+}
+
+/// Makes sure the generation znode exists and learns its version. A
+/// namespace of another identity may refuse it: then writes find out.
+pub(crate) async fn prepare_generation(zk: &Zk) -> Result<()> {
+    let (client, cell) = zk.main_client().await?;
+    match refresh_generation(zk, &client, &cell).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A stat standing in for a remembered persistent entry.
+fn remembered_stat(r: &Remembered) -> Stat {
+    Stat {
+        czxid: 0,
+        mzxid: r.mzxid,
+        pzxid: 0,
+        ctime: 0,
+        mtime: 0,
+        version: r.version,
+        cversion: 0,
+        aversion: 0,
+        ephemeral_owner: 0,
+        data_length: 1,
+        num_children: 0,
+    }
+}
 
 pub(crate) struct ZkKv {
     zk: Zk,
@@ -206,7 +313,8 @@ impl ZkKv {
         }
     }
 
-    /// Adds the ops that put `value` at `path` given its current stat.
+    /// Adds the ops that put `value` at `path` given its current stat;
+    /// returns whether they remove the key's znode (see [`Self::add_bump`]).
     fn plan_put(
         &self,
         w: &mut zookeeper_client::MultiWriter<'_>,
@@ -215,7 +323,7 @@ impl ZkKv {
         value: &[u8],
         owner: i64,
         stat: Option<&Stat>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let path = &self.zk.layout().kv_path(key);
         let mode = if owner != 0 {
             CreateMode::Ephemeral
@@ -261,10 +369,11 @@ impl ZkKv {
                 *n += 1;
             }
         }
-        Ok(())
+        Ok(op == Op::Replace)
     }
 
-    /// Adds the ops that delete the key at `path` (which exists as an entry).
+    /// Adds the ops that delete the key at `path` (which exists as an entry);
+    /// returns whether they remove its znode.
     fn plan_delete(
         &self,
         w: &mut zookeeper_client::MultiWriter<'_>,
@@ -272,7 +381,7 @@ impl ZkKv {
         key: &Key,
         path: &str,
         stat: &Stat,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let log_options = self.zk.options(CreateMode::PersistentSequential);
         let log = format!("{}/e-", self.zk.layout().log_dir());
         let map = |e: zookeeper_client::Error| crate::error::map_error(e);
@@ -289,7 +398,41 @@ impl ZkKv {
             w.add_delete(path, Some(stat.version)).map_err(map)?;
         }
         *n += 2;
-        Ok(())
+        Ok(op == Op::Delete)
+    }
+
+    /// Adds the generation bump a multi removing a key znode must carry;
+    /// returns its index.
+    fn add_bump(&self, w: &mut zookeeper_client::MultiWriter<'_>, n: &mut usize) -> Result<usize> {
+        w.add_set_data(&self.zk.layout().gen_node(), &[], None)
+            .map_err(crate::error::map_error)?;
+        *n += 1;
+        Ok(*n - 1)
+    }
+
+    /// Adds a check that no key znode was removed since generation `g`;
+    /// returns its index.
+    fn add_guard(
+        &self,
+        w: &mut zookeeper_client::MultiWriter<'_>,
+        n: &mut usize,
+        g: i64,
+    ) -> Result<usize> {
+        let g = i32::try_from(g).map_err(|_| Error::unexpected(format!("generation {g}")))?;
+        w.add_check_version(&self.zk.layout().gen_node(), g)
+            .map_err(crate::error::map_error)?;
+        *n += 1;
+        Ok(*n - 1)
+    }
+
+    /// The generation to guard a version-conditional write of the main
+    /// session with (read now if this session has not observed one yet);
+    /// `None` if it cannot be had.
+    async fn guard_generation(&self, client: &Client, cell: &AtomicI64) -> Option<i64> {
+        match cell.load(Ordering::SeqCst) {
+            g if g >= 0 => Some(g),
+            _ => refresh_generation(&self.zk, client, cell).await.ok(),
+        }
     }
 
     /// The zxid of a committed multi, from the log record's stat (or a
@@ -323,21 +466,27 @@ impl ZkKv {
             })
             .max();
         if let Some(seq) = newest {
-            if seq % LOG_TRIM_EVERY == 0 && seq > LOG_KEEP {
+            if seq % LOG_TRIM_EVERY == 0
+                && seq > LOG_KEEP
+                && !self.zk.0.kv.trimming.swap(true, Ordering::SeqCst)
+            {
                 let zk = self.zk.clone();
                 tokio::spawn(async move {
                     if let Err(e) = trim_log(&zk, seq - LOG_KEEP).await {
                         tracing::debug!(error = %e, "trimming the zookeeper change log failed");
                     }
+                    zk.0.kv.trimming.store(false, Ordering::SeqCst);
                 });
             }
         }
     }
 }
 
-/// Deletes log records with a sequence below `below`, first recording the
-/// newest deleted record's zxid in the log directory so watches resuming
-/// from before it know history is gone.
+/// Deletes log records with a sequence below `below`, a chunk per `multi`
+/// that also records the newest deleted record's zxid in the log directory,
+/// so watches resuming from before it know history is gone. Another
+/// trimmer's concurrent work fails the `multi` (a record already gone or the
+/// directory's data moved): the next trim picks up what is left.
 async fn trim_log(zk: &Zk, below: i64) -> Result<()> {
     let client = zk.client().await?;
     let dir = zk.layout().log_dir();
@@ -348,31 +497,37 @@ async fn trim_log(zk: &Zk, below: i64) -> Result<()> {
         .filter(|(s, _)| *s < below)
         .collect();
     old.sort();
-    let Some((_, newest)) = old.last() else {
-        return Ok(());
-    };
-    let stat = match zk
-        .call("exists", client.check_stat(&format!("{dir}/{newest}")))
-        .await?
-    {
-        Some(s) => s,
-        None => return Ok(()),
-    };
-    let (raw, dir_stat) = zk.call("get", client.get_data(&dir)).await?;
-    let marked = parse_trimmed(&raw);
-    if stat.czxid > marked {
-        zk.call(
-            "set",
-            client.set_data(
+    for chunk in old.chunks(TRIM_CHUNK) {
+        let Some((_, newest)) = chunk.last() else {
+            break;
+        };
+        let Some(stat) = zk
+            .call("exists", client.check_stat(&format!("{dir}/{newest}")))
+            .await?
+        else {
+            return Ok(());
+        };
+        let (raw, dir_stat) = zk.call("get", client.get_data(&dir)).await?;
+        let mut w = client.new_multi_writer();
+        let map = crate::error::map_error;
+        if stat.czxid > parse_trimmed(&raw) {
+            w.add_set_data(
                 &dir,
                 stat.czxid.to_string().as_bytes(),
                 Some(dir_stat.version),
-            ),
-        )
-        .await?;
-    }
-    for (_, name) in old {
-        let _ = client.delete(&format!("{dir}/{name}"), None).await;
+            )
+            .map_err(map)?;
+        }
+        for (_, name) in chunk {
+            w.add_delete(&format!("{dir}/{name}"), None).map_err(map)?;
+        }
+        if let Err(e) = zk
+            .call("trim", async { w.commit().await.map_err(Into::into) })
+            .await
+        {
+            tracing::debug!(error = %e, "another client is trimming the change log");
+            return Ok(());
+        }
     }
     Ok(())
 }
@@ -401,11 +556,25 @@ impl Kv for ZkKv {
         if key.is_root() {
             return Ok(None);
         }
-        let client = self.zk.client().await?;
+        let (client, cell) = self.zk.main_client().await?;
+        // Observed before the read is sent, so ordered before it.
+        let generation = cell.load(Ordering::SeqCst);
         let path = self.zk.layout().kv_path(key);
         match self.zk.call("get", client.get_data(&path)).await {
-            Ok((data, stat)) => entry(key.clone(), &data, &stat),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Ok((data, stat)) => {
+                let remembered = (generation >= 0 && stat.ephemeral_owner == 0 && !data.is_empty())
+                    .then_some(Remembered {
+                        mzxid: stat.mzxid,
+                        version: stat.version,
+                        generation,
+                    });
+                self.zk.0.kv.remember(key, remembered);
+                entry(key.clone(), &data, &stat)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.zk.0.kv.remember(key, None);
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -414,23 +583,113 @@ impl Kv for ZkKv {
         if key.is_root() {
             return Err(Error::invalid("cannot write the namespace root"));
         }
-        let (client, owner) = self.writer(options.session).await?;
+        // The main session's generation cell; writes through a dprim
+        // session's connection read the generation anew and are not
+        // remembered.
+        let (client, owner, cell) = match options.session {
+            None => {
+                let (client, cell) = self.zk.main_client().await?;
+                (client, 0, Some(cell))
+            }
+            Some(_) => {
+                let (client, owner) = self.writer(options.session).await?;
+                (client, owner, None)
+            }
+        };
         let path = self.zk.layout().kv_path(key);
+        let kv = &self.zk.0.kv;
+        // First try without reading the key where the read can be skipped:
+        // a create assumes the key is absent (the multi fails NodeExists
+        // otherwise), a CAS of the main session uses the stat.version
+        // remembered with the expected mzxid.
+        let mut guess = true;
         for _ in 0..RACE_RETRIES {
-            let stat = self.stat(&client, &path).await?;
+            let observed = cell.as_ref().map_or(-1, |c| c.load(Ordering::SeqCst));
+            let remembered = match options.precondition {
+                Precondition::Version(v) if guess && cell.is_some() => {
+                    kv.recall(key, v.get() as i64)
+                }
+                _ => None,
+            };
+            let (stat, guard) = match (options.precondition, remembered) {
+                (Precondition::Absent, _) if guess => (None, None),
+                (_, Some(r)) => (Some(remembered_stat(&r)), Some(r.generation)),
+                (precondition, None) => {
+                    let guard = match (precondition, &cell) {
+                        (Precondition::Version(_), Some(cell)) => {
+                            self.guard_generation(&client, cell).await
+                        }
+                        // A dprim session's connection: read the generation
+                        // through it, before the key.
+                        (Precondition::Version(_), None) => {
+                            refresh_generation(&self.zk, &client, &AtomicI64::new(-1))
+                                .await
+                                .ok()
+                        }
+                        _ => None,
+                    };
+                    (self.stat(&client, &path).await?, guard)
+                }
+            };
             if !holds(options.precondition, stat.as_ref()) {
                 return Err(precondition_error(key, options.precondition, stat.as_ref()));
             }
             let mut w = client.new_multi_writer();
             let mut n = 0;
-            self.plan_put(&mut w, &mut n, key, value.as_bytes(), owner, stat.as_ref())?;
+            let guard_at = match guard {
+                Some(g) => Some(self.add_guard(&mut w, &mut n, g)?),
+                None => None,
+            };
+            let removes =
+                self.plan_put(&mut w, &mut n, key, value.as_bytes(), owner, stat.as_ref())?;
+            let key_set_at = n - 1;
+            let bump_at = match removes {
+                true => Some(self.add_bump(&mut w, &mut n)?),
+                false => None,
+            };
             match w.commit().await {
                 Ok(results) => {
                     self.after_commit(&results);
+                    if let Some(cell) = &cell {
+                        if let Some(MultiWriteResult::SetData { stat }) =
+                            bump_at.and_then(|at| results.get(at))
+                        {
+                            cell.fetch_max(i64::from(stat.version), Ordering::SeqCst);
+                        }
+                        // Both were observed before the multi was sent.
+                        let observed = observed.max(guard.unwrap_or(-1));
+                        let remembered = match results.get(key_set_at) {
+                            Some(MultiWriteResult::SetData { stat })
+                                if owner == 0 && observed >= 0 =>
+                            {
+                                Some(Remembered {
+                                    mzxid: stat.mzxid,
+                                    version: stat.version,
+                                    generation: observed,
+                                })
+                            }
+                            _ => None,
+                        };
+                        kv.remember(key, remembered);
+                    }
                     return Self::committed_version(&results);
                 }
                 Err(e) => {
-                    let (_, source) = multi_error(e);
+                    let (index, source) = multi_error(e);
+                    let at_generation = index.is_some() && (index == guard_at || index == bump_at);
+                    if at_generation {
+                        // A key znode was removed since (BadVersion) or the
+                        // generation znode is missing (NoNode): learn it anew.
+                        if let Some(cell) = &cell {
+                            refresh_generation(&self.zk, &client, cell).await?;
+                        } else {
+                            self.zk
+                                .mkdirs(&client, &self.zk.layout().gen_node())
+                                .await?;
+                        }
+                        guess = false;
+                        continue;
+                    }
                     if matches!(source, zookeeper_client::Error::NoNode) && stat.is_none() {
                         self.zk.mkdirs(&client, parent(&path)).await?;
                         continue;
@@ -441,6 +700,8 @@ impl Kv for ZkKv {
                         )));
                     }
                     if is_race(&source) {
+                        guess = false;
+                        kv.remember(key, None);
                         continue;
                     }
                     return Err(crate::error::map_error(source).with_context("key", key));
@@ -463,10 +724,23 @@ impl Kv for ZkKv {
         if key.is_root() {
             return Ok(false);
         }
-        let client = self.zk.client().await?;
+        let (client, cell) = self.zk.main_client().await?;
         let path = self.zk.layout().kv_path(key);
+        let kv = &self.zk.0.kv;
+        let mut guess = true;
         for _ in 0..RACE_RETRIES {
-            let stat = self.stat(&client, &path).await?;
+            let remembered = match precondition {
+                Precondition::Version(v) if guess => kv.recall(key, v.get() as i64),
+                _ => None,
+            };
+            let (stat, guard) = match (precondition, remembered) {
+                (_, Some(r)) => (Some(remembered_stat(&r)), Some(r.generation)),
+                (Precondition::Version(_), None) => {
+                    let guard = self.guard_generation(&client, &cell).await;
+                    (self.stat(&client, &path).await?, guard)
+                }
+                _ => (self.stat(&client, &path).await?, None),
+            };
             if !holds(precondition, stat.as_ref()) {
                 return Err(precondition_error(key, precondition, stat.as_ref()));
             }
@@ -475,15 +749,36 @@ impl Kv for ZkKv {
             };
             let mut w = client.new_multi_writer();
             let mut n = 0;
-            self.plan_delete(&mut w, &mut n, key, &path, &stat)?;
+            let guard_at = match guard {
+                Some(g) => Some(self.add_guard(&mut w, &mut n, g)?),
+                None => None,
+            };
+            let removes = self.plan_delete(&mut w, &mut n, key, &path, &stat)?;
+            let bump_at = match removes {
+                true => Some(self.add_bump(&mut w, &mut n)?),
+                false => None,
+            };
             match w.commit().await {
                 Ok(results) => {
                     self.after_commit(&results);
+                    if let Some(MultiWriteResult::SetData { stat }) =
+                        bump_at.and_then(|at| results.get(at))
+                    {
+                        cell.fetch_max(i64::from(stat.version), Ordering::SeqCst);
+                    }
+                    kv.remember(key, None);
                     return Ok(true);
                 }
                 Err(e) => {
-                    let (_, source) = multi_error(e);
+                    let (index, source) = multi_error(e);
+                    if index.is_some() && (index == guard_at || index == bump_at) {
+                        refresh_generation(&self.zk, &client, &cell).await?;
+                        guess = false;
+                        continue;
+                    }
                     if is_race(&source) {
+                        guess = false;
+                        kv.remember(key, None);
                         continue;
                     }
                     return Err(crate::error::map_error(source).with_context("key", key));
@@ -552,8 +847,25 @@ impl Kv for ZkKv {
             }
         }
         let (client, owner) = self.writer(first).await?;
+        // Version checks are guarded by the generation (see the module
+        // docs), read through the connection that reads the keys.
+        let cell = match first {
+            None => Some(self.zk.main_client().await?.1),
+            Some(_) => None,
+        };
+        let needs_guard = txn
+            .checks
+            .iter()
+            .any(|(_, p)| matches!(p, Precondition::Version(_)));
         let layout = self.zk.layout();
         for _ in 0..RACE_RETRIES {
+            let guard = match (&cell, needs_guard) {
+                (Some(cell), true) => self.guard_generation(&client, cell).await,
+                (None, true) => refresh_generation(&self.zk, &client, &AtomicI64::new(-1))
+                    .await
+                    .ok(),
+                (_, false) => None,
+            };
             let mut paths: Vec<String> = Vec::new();
             for (k, _) in &txn.checks {
                 paths.push(layout.kv_path(k));
@@ -577,6 +889,11 @@ impl Kv for ZkKv {
             let mut w = client.new_multi_writer();
             let map = crate::error::map_error;
             let mut n = 0;
+            let guard_at = match guard {
+                Some(g) => Some(self.add_guard(&mut w, &mut n, g)?),
+                None => None,
+            };
+            let mut removes = false;
             // Checks become version checks (or create+delete for absence), so
             // the multi fails if anything moved since the reads above.
             let mut check_of_index: Vec<(usize, usize)> = Vec::new();
@@ -612,12 +929,15 @@ impl Kv for ZkKv {
                             self.zk.mkdirs(&client, parent(&path)).await?;
                         }
                         let o = if session.is_some() { owner } else { 0 };
-                        self.plan_put(&mut w, &mut n, key, value.as_bytes(), o, stat.as_ref())?;
+                        removes |=
+                            self.plan_put(&mut w, &mut n, key, value.as_bytes(), o, stat.as_ref())?;
                         is_put.push(true);
                     }
                     TxnOp::Delete { key } => {
                         match stat.as_ref().filter(|s| s.data_length > 0) {
-                            Some(s) => self.plan_delete(&mut w, &mut n, key, &path, s)?,
+                            Some(s) => {
+                                removes |= self.plan_delete(&mut w, &mut n, key, &path, s)?
+                            }
                             None => {
                                 // Missing: assert it stays missing, so the
                                 // delete is part of the atomic outcome.
@@ -631,9 +951,21 @@ impl Kv for ZkKv {
                     }
                 }
             }
+            let bump_at = match removes {
+                true => Some(self.add_bump(&mut w, &mut n)?),
+                false => None,
+            };
             match w.commit().await {
                 Ok(results) => {
                     self.after_commit(&results);
+                    if let (Some(cell), Some(MultiWriteResult::SetData { stat })) =
+                        (&cell, bump_at.and_then(|at| results.get(at)))
+                    {
+                        cell.fetch_max(i64::from(stat.version), Ordering::SeqCst);
+                    }
+                    for op in &txn.ops {
+                        self.zk.0.kv.remember(op.key(), None);
+                    }
                     let v = match Self::committed_version(&results) {
                         Ok(v) => Some(v),
                         Err(e) if is_put.iter().any(|p| *p) => return Err(e),
@@ -648,6 +980,17 @@ impl Kv for ZkKv {
                 }
                 Err(e) => {
                     let (index, source) = multi_error(e);
+                    if index.is_some() && (index == guard_at || index == bump_at) {
+                        match &cell {
+                            Some(cell) => {
+                                refresh_generation(&self.zk, &client, cell).await?;
+                            }
+                            None => {
+                                self.zk.mkdirs(&client, &layout.gen_node()).await?;
+                            }
+                        }
+                        continue;
+                    }
                     if let Some((_, i)) = check_of_index
                         .iter()
                         .find(|(at, _)| index == Some(*at) || index == Some(*at + 1))

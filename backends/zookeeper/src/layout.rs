@@ -3,6 +3,7 @@
 //! ```text
 //! /<ns>/!kv/<key>                      app keys (data: 1 header byte + value)
 //! /<ns>/!kv/!log/e-<seq>               change log, one record per kv change
+//! /<ns>/!kv/!gen                       generation (data version grows when a key znode is removed)
 //! /<ns>/!lock/<name>/!/w-<seq>         lock waiters (ephemeral sequential)
 //! /<ns>/!elect/<name>/!/c-<seq>        candidates (data = candidate value)
 //! /<ns>/!topic/<topic>/!/m-<seq>       recent messages of a topic
@@ -54,6 +55,10 @@ impl Layout {
 
     pub(crate) fn log_dir(&self) -> String {
         format!("{}/!kv/!log", self.root)
+    }
+
+    pub(crate) fn gen_node(&self) -> String {
+        format!("{}/!kv/!gen", self.root)
     }
 
     pub(crate) fn lock_line(&self, name: &Key) -> String {

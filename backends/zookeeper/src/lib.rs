@@ -34,6 +34,7 @@ use error::map_error;
 use layout::Layout;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use zookeeper_client::{Acls, Client, CreateMode, CreateOptions, SessionState};
@@ -108,7 +109,14 @@ pub(crate) struct Shared {
     pub(crate) conn: Conn,
     pub(crate) request_timeout: Duration,
     pub(crate) layout: Layout,
-    main: tokio::sync::Mutex<Client>,
+    /// The backend's own client with the generation version last observed
+    /// through it (`kv::Generation`). Cloned on every request, so a plain
+    /// mutex held for the clone only; `reconnect` serializes replacing it.
+    main: Mutex<(Client, Arc<AtomicI64>)>,
+    reconnect: tokio::sync::Mutex<()>,
+    /// State the kv shares across its instances (the log trimmer, the
+    /// per-key version cache).
+    pub(crate) kv: kv::KvState,
     /// The client of every open dprim session, by ZooKeeper session id:
     /// ephemeral znodes must be created through their session's client.
     sessions: Mutex<HashMap<u64, Client>>,
@@ -146,12 +154,33 @@ impl Zk {
     /// after expiry, so an expired one is replaced here: new work always
     /// gets a live session.
     pub(crate) async fn client(&self) -> Result<Client> {
-        let mut main = self.0.main.lock().await;
-        if main.state().is_terminated() {
-            tracing::info!("zookeeper session of the backend ended; opening a new one");
-            *main = self.open_client(MAIN_SESSION_TIMEOUT).await?;
+        Ok(self.main_client().await?.0)
+    }
+
+    /// The backend's own client and the generation version observed through
+    /// that session (-1: not known yet). A replacement session starts with
+    /// an unknown generation: observations are only ordered with the reads
+    /// of the session that made them.
+    pub(crate) async fn main_client(&self) -> Result<(Client, Arc<AtomicI64>)> {
+        if let Some(main) = self.live_main() {
+            return Ok(main);
         }
-        Ok(main.clone())
+        let _replacing = self.0.reconnect.lock().await;
+        if let Some(main) = self.live_main() {
+            return Ok(main);
+        }
+        tracing::info!("zookeeper session of the backend ended; opening a new one");
+        let fresh = (
+            self.open_client(MAIN_SESSION_TIMEOUT).await?,
+            Arc::new(AtomicI64::new(-1)),
+        );
+        *self.0.main.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
+    }
+
+    fn live_main(&self) -> Option<(Client, Arc<AtomicI64>)> {
+        let main = self.0.main.lock().unwrap_or_else(|p| p.into_inner());
+        (!main.0.state().is_terminated()).then(|| main.clone())
     }
 
     /// The client of an open dprim session.
@@ -283,7 +312,9 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         conn,
         request_timeout: config.request_timeout,
         layout: Layout::new(namespace.as_str()),
-        main: tokio::sync::Mutex::new(first.clone()),
+        main: Mutex::new((first.clone(), Arc::new(AtomicI64::new(-1)))),
+        reconnect: tokio::sync::Mutex::new(()),
+        kv: kv::KvState::default(),
         sessions: Mutex::new(HashMap::new()),
     };
     let zk = Zk(Arc::new(shared));
@@ -297,6 +328,7 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
     {
         zk.mkdirs(&first, &log_dir).await?;
     }
+    kv::prepare_generation(&zk).await?;
     let sessions = session::ZkSessions::new(zk.clone());
     let faults = sessions.faults();
     Ok(Backend::new(BackendParts {

@@ -105,7 +105,7 @@ impl Agent {
 
     async fn flush(&mut self) {
         while let Some((task, report)) = self.outbox.front() {
-            let written = match store::report_key(task) {
+            let written = match store::report_key(task, report.launch) {
                 Ok(key) => store::put(&self.backend, &key, report).await,
                 Err(e) => Err(e),
             };

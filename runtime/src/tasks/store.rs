@@ -7,7 +7,7 @@
 //! _dprim/tasks/status/<task>            the task's record (supervisor; CAS)
 //! _dprim/tasks/assign/<agent>/<task>    "run this" from the supervisor to an agent
 //! _dprim/tasks/kill/<agent>/<task>      "kill this" from the supervisor to an agent
-//! _dprim/tasks/report/<task>            the agent's latest report (sequence-numbered)
+//! _dprim/tasks/report/<task>/<launch>   the agent's latest report on a launch (sequence-numbered)
 //! _dprim/tasks/kill-request/<task>      a user's kill request
 //! _dprim/tasks/supervisor               the supervisors' election
 //! ```
@@ -59,8 +59,10 @@ pub(crate) fn kill_key(agent: &str, task: &str) -> Result<Key> {
 pub(crate) fn report_dir() -> Result<Key> {
     key("_dprim/tasks/report".into())
 }
-pub(crate) fn report_key(task: &str) -> Result<Key> {
-    key(format!("_dprim/tasks/report/{task}"))
+/// One key per launch: a report about an old launch (from an agent that
+/// was away) can never overwrite one about the current launch.
+pub(crate) fn report_key(task: &str, launch: u32) -> Result<Key> {
+    key(format!("_dprim/tasks/report/{task}/{launch}"))
 }
 pub(crate) fn kill_request_dir() -> Result<Key> {
     key("_dprim/tasks/kill-request".into())
@@ -188,6 +190,26 @@ pub(crate) async fn list<T: DeserializeOwned>(
             e.key.name().to_string(),
             (decode(&e.key, &e.value)?, e.version),
         );
+    }
+    Ok(out)
+}
+
+/// Every record at depth two under `dir`, by its last two segments.
+pub(crate) async fn list_pairs<T: DeserializeOwned>(
+    b: &Backend,
+    dir: &Key,
+) -> Result<BTreeMap<(String, String), (T, Version)>> {
+    let listing = b.kv().list(dir, Depth::Recursive).await?;
+    let mut out = BTreeMap::new();
+    for e in listing.entries {
+        if let Some((first, second)) = e.key.strip_dir(dir).and_then(|rest| rest.split_once('/')) {
+            if !second.contains('/') {
+                out.insert(
+                    (first.to_string(), second.to_string()),
+                    (decode(&e.key, &e.value)?, e.version),
+                );
+            }
+        }
     }
     Ok(out)
 }

@@ -95,7 +95,8 @@ impl Supervisor {
         let specs: BTreeMap<String, (TaskSpec, _)> = store::list(b, &store::spec_dir()?).await?;
         let mut statuses: BTreeMap<String, (StatusRecord, _)> =
             store::list(b, &store::status_dir()?).await?;
-        let reports: BTreeMap<String, (Report, _)> = store::list(b, &store::report_dir()?).await?;
+        let reports: BTreeMap<(String, String), (Report, _)> =
+            store::list_pairs(b, &store::report_dir()?).await?;
         let kill_requests: BTreeMap<String, (KillOrder, _)> =
             store::list(b, &store::kill_request_dir()?).await?;
         let agents: BTreeMap<String, (AgentInfo, _)> =
@@ -149,6 +150,7 @@ impl Supervisor {
                     let launches = rec.record.launches + 1;
                     rec.record = TaskRecord::new(spec.restart, now);
                     rec.record.launches = launches;
+                    rec.report_seq = 0;
                     rec.relaunch_at = None;
                     rec.unreachable_since = None;
                 }
@@ -165,7 +167,10 @@ impl Supervisor {
                     },
                 );
             }
-            if let Some((report, _)) = reports.get(id) {
+            let current = (id.clone(), rec.record.launches.to_string());
+            if let Some((report, _)) = reports.get(&current) {
+                // Sequence numbers come from the agent that ran this launch;
+                // `report_seq` is reset with each new launch.
                 if report.launch == rec.record.launches && report.seq > rec.report_seq {
                     rec.report_seq = report.seq;
                     let unreachable = rec.record.state == TaskState::Unreachable;
