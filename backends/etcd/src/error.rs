@@ -24,11 +24,20 @@ pub(crate) fn map_error(e: etcd_client::Error) -> Error {
                 }
                 Code::Unimplemented => ErrorKind::Unsupported,
                 _ if msg.contains("leader") || msg.contains("timed out") => ErrorKind::Unavailable,
+                // tonic reports a connection that failed below gRPC (refused,
+                // reset, a TLS/plain-text mismatch) as an `Unknown` status
+                // whose message says "transport error".
+                Code::Unknown if msg.contains("transport") || msg.contains("connect") => {
+                    ErrorKind::Unavailable
+                }
                 _ => ErrorKind::Unexpected,
             };
             let text = match kind {
                 ErrorKind::PermissionDenied => format!(
                     "etcd refused the request for this identity ({msg}); check `username` and the password reference in [backend]"
+                ),
+                ErrorKind::Unavailable => format!(
+                    "cannot reach etcd ({msg}); check `endpoints`, that the servers run, and that `tls` matches how they listen"
                 ),
                 _ => format!("etcd: {msg}"),
             };
@@ -66,4 +75,30 @@ pub(crate) fn map_error(e: etcd_client::Error) -> Error {
 /// A request that did not finish within `request_timeout`.
 pub(crate) fn timed_out(what: &str, after: std::time::Duration) -> Error {
     Error::timeout(format!("etcd {what} did not answer within {after:?}")).temporary()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_temporary_unavailable() {
+        // What tonic reports when a plain-text client meets a TLS server.
+        let status = tonic::Status::new(Code::Unknown, "transport error");
+        let e = map_error(etcd_client::Error::GRpcStatus(status));
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.is_temporary());
+        assert!(e.to_string().contains("`tls`"), "{e}");
+    }
+
+    #[test]
+    fn refused_credentials_never_echo_a_password() {
+        let status = tonic::Status::new(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        let e = map_error(etcd_client::Error::GRpcStatus(status));
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("username"), "{e}");
+    }
 }
