@@ -52,16 +52,27 @@ install() {
 }
 
 # Each server being healthy is not enough to place a 3-replica stream: the
-# JetStream meta group must have a leader and know both other peers as
+# JetStream meta group must have a leader that knows both other peers as
 # current, or stream creation fails with "no suitable peers for placement".
-wait_meta() { # monitoring port
-    for _ in $(seq 1 300); do
-        if curl -fsS "http://127.0.0.1:$1/jsz" 2>/dev/null | python3 -c '
+# Only the meta leader reports its peers, so every member is asked.
+meta_formed() {
+    local port
+    for port in 18222 28222 38222; do
+        if curl -fsS "http://127.0.0.1:$port/jsz" 2>/dev/null | python3 -c '
 import json, sys
 meta = json.load(sys.stdin).get("meta_cluster") or {}
 peers = [r for r in meta.get("replicas") or [] if r.get("current")]
 sys.exit(0 if meta.get("leader") and len(peers) >= 2 else 1)
 ' 2>/dev/null; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+wait_meta() {
+    for _ in $(seq 1 300); do
+        if meta_formed; then
             return 0
         fi
         sleep 0.1
@@ -145,7 +156,7 @@ start_cluster() {
         launch "n$i" "$DIR/n$i.conf"
     done
     for i in 1 2 3; do wait_ready "${i}8222"; done
-    wait_meta 18222
+    wait_meta
     echo "nats cluster ready on 127.0.0.1:14222,24222,34222"
 }
 
@@ -153,7 +164,7 @@ restart_member() { # n1 | n2 | n3
     local name=$1 i=${1#n}
     launch "$name" "$DIR/$name.conf"
     wait_ready "${i}8222"
-    wait_meta "${i}8222"
+    wait_meta
 }
 
 stop() {
