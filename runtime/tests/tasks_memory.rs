@@ -237,3 +237,32 @@ async fn crashed_agent_goes_unreachable_then_gone_and_the_task_moves() {
     }
     let _ = std::fs::remove_dir_all(work);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_never_overwrites_a_later_terms_record() {
+    let backend = MemoryServer::new()
+        .connect(&BackendConfig::memory())
+        .unwrap();
+    let config = |name: &str| SupervisorConfig {
+        name: name.into(),
+        session_ttl: Duration::from_secs(2),
+        gone_timeout: Duration::from_secs(2),
+        interval: Duration::from_millis(30),
+        placer: Arc::new(FirstFit),
+    };
+    let client = TasksClient::new(backend.clone());
+    let id = client.launch(spec("true", &[], 0.5)).await.unwrap();
+    // The leader of term 10 records the task (pending: no agents).
+    Supervisor::new(backend.clone(), config("new"))
+        .reconcile(10)
+        .await
+        .unwrap();
+    let before = client.status(&id).await.unwrap();
+    // A deposed supervisor (term 3) wakes up and tries a pass.
+    let err = Supervisor::new(backend.clone(), config("old"))
+        .reconcile(3)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotLeader, "{err}");
+    assert_eq!(client.status(&id).await.unwrap(), before);
+}

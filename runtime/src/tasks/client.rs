@@ -60,6 +60,7 @@ impl Tasks for TasksClient {
             id: id.clone(),
             record: TaskRecord::new(spec.restart, SystemTime::now()),
             report_seq: 0,
+            term: 0,
             unreachable_since: None,
             relaunch_at: None,
         };

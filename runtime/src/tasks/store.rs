@@ -81,6 +81,11 @@ pub(crate) struct StatusRecord {
     pub record: TaskRecord,
     /// The highest report sequence already applied.
     pub report_seq: u64,
+    /// The election term of the supervisor that last wrote the record (0:
+    /// written at launch). A supervisor never overwrites a record written
+    /// under a later term: the term is its fencing token.
+    #[serde(default)]
+    pub term: u64,
     pub unreachable_since: Option<SystemTime>,
     /// A relaunch is due at this time (the record is terminal until then).
     pub relaunch_at: Option<SystemTime>,

@@ -71,7 +71,11 @@ impl Supervisor {
                 if leadership.check().is_err() {
                     break;
                 }
-                if let Err(e) = self.reconcile().await {
+                if let Err(e) = self.reconcile(leadership.term().0).await {
+                    if e.kind() == ErrorKind::NotLeader {
+                        tracing::warn!(error = %e, "a newer supervisor is writing; stepping down");
+                        break;
+                    }
                     tracing::warn!(error = %e, "supervisor pass failed; retrying");
                 }
                 tokio::select! {
@@ -86,11 +90,17 @@ impl Supervisor {
                 }
             }
             tracing::warn!(name = %self.config.name, "supervisor lost leadership");
+            // Whatever is left of this term goes with its session; the next
+            // campaign starts on a fresh one.
+            let _ = session.close().await;
         }
     }
 
-    /// One pass over every task.
-    pub async fn reconcile(&self) -> Result<()> {
+    /// One pass over every task, as the leader of election term `term`.
+    ///
+    /// Fails `NotLeader` (writing nothing more) on meeting a record written
+    /// under a later term.
+    pub async fn reconcile(&self, term: u64) -> Result<()> {
         let b = &self.backend;
         let specs: BTreeMap<String, (TaskSpec, _)> = store::list(b, &store::spec_dir()?).await?;
         let mut statuses: BTreeMap<String, (StatusRecord, _)> =
@@ -124,12 +134,19 @@ impl Supervisor {
                         id: id.clone(),
                         record: TaskRecord::new(spec.restart, now),
                         report_seq: 0,
+                        term,
                         unreachable_since: None,
                         relaunch_at: None,
                     },
                     None,
                 ),
             };
+            if rec.term > term {
+                return Err(dprim::Error::not_leader(format!(
+                    "task `{id}` was written under term {}, later than this supervisor's term {term}",
+                    rec.term
+                )));
+            }
             let before = rec.clone();
             let mut actions = Vec::new();
             let mut apply = |rec: &mut StatusRecord, event: TaskEvent| match step(
@@ -240,6 +257,7 @@ impl Supervisor {
             if rec == before {
                 continue;
             }
+            rec.term = term;
             // Record first: an assignment or kill order only goes out once
             // the record that explains it is stored.
             let precondition = match version {
