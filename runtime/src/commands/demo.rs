@@ -82,6 +82,19 @@ pub(crate) async fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8, Failure> {
         agents.insert(id, tokio::spawn(agent.run(stopped(stop_rx.clone()))));
     }
 
+    // Launch only once every agent is registered, so placement (first fit
+    // by agent id) is the same on every run and agent-1 holds the service.
+    let agents_dir = dprim::Key::new("_dprim/agents")?;
+    for _ in 0..500 {
+        let registered = backend
+            .kv()
+            .list(&agents_dir, dprim::Depth::Children)
+            .await?;
+        if registered.entries.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let client = TasksClient::new(backend.clone());
     let mut updates = client.watch().await?;
     let mut workload = vec![
