@@ -29,6 +29,16 @@ pub struct Leader {
     pub session: SessionId,
 }
 
+/// Whether an observer that last reported `last` should report `current`:
+/// any change, except one that would take the term backwards (observers may
+/// coalesce updates, but terms never go back).
+pub fn observed_change(current: &Option<Leader>, last: &Option<Leader>) -> bool {
+    match (current, last) {
+        (Some(c), Some(l)) => c.term >= l.term && c != l,
+        (a, b) => a != b,
+    }
+}
+
 /// The backend side of a leadership.
 #[async_trait]
 pub trait LeadershipControl: Send + Sync {

@@ -69,6 +69,28 @@ impl QueueOptions {
             None => queue.join("dead-letter"),
         }
     }
+    /// The options as backends store them beside a queue: `max_attempts`
+    /// and the dead-letter queue, one per line.
+    pub fn encode(&self, queue: &Key) -> Result<Vec<u8>> {
+        Ok(format!("{}\n{}", self.max_attempts, self.dead_letter_for(queue)?).into_bytes())
+    }
+
+    /// Reads what [`QueueOptions::encode`] wrote; anything unreadable falls
+    /// back to the default for that field.
+    pub fn decode(raw: &[u8], queue: &Key) -> QueueOptions {
+        let text = String::from_utf8_lossy(raw);
+        let mut lines = text.lines();
+        let max_attempts = lines
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(QueueOptions::default().max_attempts);
+        let dead_letter = lines.next().and_then(|l| Key::new(l).ok());
+        QueueOptions {
+            max_attempts,
+            dead_letter: dead_letter.or_else(|| queue.join("dead-letter").ok()),
+        }
+    }
+
     /// Checks the options.
     pub fn validate(&self, queue: &Key) -> Result<()> {
         if self.max_attempts == 0 {

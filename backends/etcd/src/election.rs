@@ -89,10 +89,7 @@ impl Elections for EtcdElections {
                         };
                         match current {
                             Ok(current) => {
-                                let newer = match (&current, &last) {
-                                    (Some(c), Some(l)) => c.term >= l.term && c != l,
-                                    (a, b) => a != b,
-                                };
+                                let newer = dprim::election::observed_change(&current, &last);
                                 if newer {
                                     last = current.clone();
                                     if tx.send(Ok(current)).await.is_err() {

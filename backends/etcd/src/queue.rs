@@ -38,21 +38,6 @@ impl EtcdQueues {
     }
 }
 
-fn encode_options(o: &QueueOptions, name: &Key) -> Result<Vec<u8>> {
-    Ok(format!("{}\n{}", o.max_attempts, o.dead_letter_for(name)?).into_bytes())
-}
-
-fn decode_options(raw: &[u8], name: &Key) -> QueueOptions {
-    let text = String::from_utf8_lossy(raw);
-    let mut lines = text.lines();
-    let max_attempts = lines.next().and_then(|l| l.parse().ok()).unwrap_or(5);
-    let dead_letter = lines.next().and_then(|l| Key::new(l).ok());
-    QueueOptions {
-        max_attempts,
-        dead_letter: dead_letter.or_else(|| name.join("dead-letter").ok()),
-    }
-}
-
 #[async_trait]
 impl Queues for EtcdQueues {
     async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>> {
@@ -61,14 +46,14 @@ impl Queues for EtcdQueues {
         let effective = match options {
             Some(options) => {
                 options.validate(name)?;
-                let raw = encode_options(&options, name)?;
+                let raw = options.encode(name)?;
                 let key = self.etcd.layout.queue_options(name);
                 self.etcd
                     .call("put", self.etcd.kv().put(key, raw, None))
                     .await?;
                 options
             }
-            None => queue.snapshot().await?.options,
+            None => queue.options().await?,
         };
         // Tell the dead-letter queue who feeds it, so using it sweeps dead
         // messages out of feeders nobody touches any more.
@@ -164,6 +149,16 @@ impl EtcdQueue {
         k
     }
 
+    /// The queue's options alone (the defaults if it was never configured).
+    async fn options(&self) -> Result<QueueOptions> {
+        let key = self.etcd.layout.queue_options(&self.name);
+        let resp = self.etcd.call("get", self.etcd.kv().get(key, None)).await?;
+        Ok(match resp.kvs().first() {
+            Some(kv) => QueueOptions::decode(kv.value(), &self.name),
+            None => QueueOptions::default(),
+        })
+    }
+
     async fn snapshot(&self) -> Result<Snapshot> {
         let txn = etcd_client::Txn::new().and_then([
             TxnOp::get(self.messages.clone(), Some(get_range(&self.messages))),
@@ -191,7 +186,7 @@ impl EtcdQueue {
             .and_then(|g| {
                 g.kvs()
                     .first()
-                    .map(|kv| decode_options(kv.value(), &self.name))
+                    .map(|kv| QueueOptions::decode(kv.value(), &self.name))
             })
             .unwrap_or_else(|| QueueOptions {
                 dead_letter: self.name.join("dead-letter").ok(),
@@ -499,7 +494,7 @@ impl Queue for EtcdQueue {
             )));
         };
         let (attempts, _) = split_message(msg.value());
-        let snap_options = self.snapshot().await?.options;
+        let snap_options = self.options().await?;
         if attempts >= snap_options.max_attempts {
             return if self.dead_letter(&snap_options, &msg, Some(&claim)).await? {
                 Ok(())

@@ -60,24 +60,9 @@ impl NatsQueues {
     }
 }
 
-fn encode_options(o: &QueueOptions, name: &Key) -> Result<Vec<u8>> {
-    Ok(format!("{}\n{}", o.max_attempts, o.dead_letter_for(name)?).into_bytes())
-}
-
-fn decode_options(raw: &[u8], name: &Key) -> QueueOptions {
-    let text = String::from_utf8_lossy(raw);
-    let mut lines = text.lines();
-    let max_attempts = lines.next().and_then(|l| l.parse().ok()).unwrap_or(5);
-    let dead_letter = lines.next().and_then(|l| Key::new(l).ok());
-    QueueOptions {
-        max_attempts,
-        dead_letter: dead_letter.or_else(|| name.join("dead-letter").ok()),
-    }
-}
-
 async fn read_options(nats: &Nats, name: &Key) -> Result<QueueOptions> {
     Ok(match nats.last(&nats.layout.queue_options(name)).await? {
-        Some(r) => decode_options(&r.payload, name),
+        Some(r) => QueueOptions::decode(&r.payload, name),
         None => QueueOptions {
             dead_letter: name.join("dead-letter").ok(),
             ..QueueOptions::default()
@@ -92,7 +77,7 @@ impl Queues for NatsQueues {
         let effective = match options {
             Some(options) => {
                 options.validate(name)?;
-                let raw = encode_options(&options, name)?;
+                let raw = options.encode(name)?;
                 self.nats
                     .write(
                         &self.nats.layout.queue_options(name),

@@ -105,10 +105,7 @@ impl Elections for ZkElections {
                 // may coalesce, but terms never go back.
                 match current(&line).await {
                     Ok(now) => {
-                        let newer = match (&now, &last) {
-                            (Some(c), Some(l)) => c.term >= l.term && c != l,
-                            (a, b) => a != b,
-                        };
+                        let newer = dprim::election::observed_change(&now, &last);
                         if newer {
                             last = now.clone();
                             if tx.send(Ok(now)).await.is_err() {

@@ -36,21 +36,6 @@ impl ZkQueues {
     }
 }
 
-fn encode_options(o: &QueueOptions, name: &Key) -> Result<Vec<u8>> {
-    Ok(format!("{}\n{}", o.max_attempts, o.dead_letter_for(name)?).into_bytes())
-}
-
-fn decode_options(raw: &[u8], name: &Key) -> QueueOptions {
-    let text = String::from_utf8_lossy(raw);
-    let mut lines = text.lines();
-    let max_attempts = lines.next().and_then(|l| l.parse().ok()).unwrap_or(5);
-    let dead_letter = lines.next().and_then(|l| Key::new(l).ok());
-    QueueOptions {
-        max_attempts,
-        dead_letter: dead_letter.or_else(|| name.join("dead-letter").ok()),
-    }
-}
-
 /// A queue name as one znode name (`/` cannot appear in one; `!` cannot
 /// appear in a key, so the mapping is reversible).
 fn flat(name: &Key) -> String {
@@ -72,7 +57,7 @@ impl Queues for ZkQueues {
         let effective = match options {
             Some(options) => {
                 options.validate(name)?;
-                let raw = encode_options(&options, name)?;
+                let raw = options.encode(name)?;
                 let path = queue.options_path();
                 match self
                     .zk
@@ -184,7 +169,7 @@ impl ZkQueue {
             .call("get", client.get_data(&self.options_path()))
             .await
         {
-            Ok((raw, _)) => Ok(decode_options(&raw, &self.name)),
+            Ok((raw, _)) => Ok(QueueOptions::decode(&raw, &self.name)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(QueueOptions {
                 dead_letter: self.name.join("dead-letter").ok(),
                 ..QueueOptions::default()
