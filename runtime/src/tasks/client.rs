@@ -85,6 +85,7 @@ impl Tasks for TasksClient {
         self.record(id).await?;
         let order = KillOrder {
             grace_ms: grace.as_millis() as u64,
+            term: 0,
         };
         store::put(&self.backend, &store::kill_request_key(&id.0)?, &order).await?;
         Ok(())

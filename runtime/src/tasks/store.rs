@@ -109,6 +109,10 @@ impl StatusRecord {
 pub(crate) struct Assignment {
     pub spec: TaskSpec,
     pub launch: u32,
+    /// The election term of the supervisor that wrote it: an agent ignores
+    /// orders from a term older than the newest it has seen.
+    #[serde(default)]
+    pub term: u64,
 }
 
 /// What an agent reports about a task.
@@ -142,6 +146,9 @@ pub(crate) struct AgentInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct KillOrder {
     pub grace_ms: u64,
+    /// The supervisor's election term (0 for a user's kill request).
+    #[serde(default)]
+    pub term: u64,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Value> {

@@ -299,6 +299,7 @@ impl Supervisor {
                 let assignment = Assignment {
                     spec: spec.clone(),
                     launch: rec.record.launches,
+                    term: rec.term,
                 };
                 store::put(b, &store::assign_key(&agent, id)?, &assignment).await?;
             }
@@ -306,6 +307,7 @@ impl Supervisor {
                 if !agent.is_empty() {
                     let order = KillOrder {
                         grace_ms: grace.as_millis() as u64,
+                        term: rec.term,
                     };
                     store::put(b, &store::kill_key(&agent, id)?, &order).await?;
                 }
