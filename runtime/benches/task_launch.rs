@@ -13,12 +13,14 @@ use dprim_runtime::tasks::client::TasksClient;
 use dprim_runtime::tasks::placement::FirstFit;
 use dprim_runtime::tasks::supervisor::{Supervisor, SupervisorConfig};
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const AGENTS: usize = 100;
+/// Concurrent callers launching the batch.
+const LAUNCHERS: usize = 64;
 
 #[tokio::main]
 async fn main() {
@@ -101,13 +103,23 @@ async fn main() {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
 
-    // Rate: launch a batch at once and wait until every task ran.
-    let batch = sequential * 2;
+    // Rate: launch a batch from LAUNCHERS concurrent callers and wait until
+    // every task ran (the watch buffers the updates meanwhile).
+    let batch = std::env::var("DPRIM_BENCH_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(sequential * 5);
     let t = Instant::now();
-    let mut pending: HashMap<TaskId, ()> = HashMap::new();
-    for _ in 0..batch {
-        pending.insert(client.launch(noop.clone()).await.unwrap(), ());
-    }
+    let launched: Vec<TaskId> = futures::stream::iter(0..batch)
+        .map(|_| {
+            let client = client.clone();
+            let noop = noop.clone();
+            async move { client.launch(noop).await.unwrap() }
+        })
+        .buffer_unordered(LAUNCHERS)
+        .collect()
+        .await;
+    let mut pending: HashSet<TaskId> = launched.into_iter().collect();
     while !pending.is_empty() {
         let s = updates.next().await.unwrap().unwrap();
         if matches!(s.state, TaskState::Running | TaskState::Finished) {
@@ -116,7 +128,7 @@ async fn main() {
     }
     let rate = batch as f64 / t.elapsed().as_secs_f64();
     println!(
-        "backend {}, {AGENTS} agents, no-op task: launch -> RUNNING p50 {:.1} ms, p99 {:.1} ms over {sequential} launches; {rate:.0} launches/s over a batch of {batch}",
+        "backend {}, {AGENTS} agents, no-op task: launch -> RUNNING p50 {:.1} ms, p99 {:.1} ms over {sequential} launches; {rate:.0} launches/s over a batch of {batch} from {LAUNCHERS} callers",
         backend.kind(),
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,

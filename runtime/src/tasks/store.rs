@@ -157,7 +157,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Value> {
     Value::new(bytes)
 }
 
-fn decode<T: DeserializeOwned>(key: &Key, v: &Value) -> Result<T> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &Key, v: &Value) -> Result<T> {
     serde_json::from_slice(v.as_bytes())
         .map_err(|e| Error::unexpected(format!("`{key}` holds an unreadable task record: {e}")))
 }

@@ -3,16 +3,33 @@
 //! machine events, places staging tasks, and notices lost agents. It is the
 //! only writer of task records; each write is a compare-and-swap on the
 //! record's version, so a deposed leader's stale write fails instead of
-//! overwriting its successor's.
+//! overwriting its successor's, and each record, assignment and kill order
+//! carries the leader's election term, its fencing token.
+//!
+//! A leader reads everything once (one listing per directory) and then
+//! keeps that picture current from a watch started at the listings'
+//! revision: a pass only looks at the tasks an event touched (plus, every
+//! `interval`, the tasks waiting on a timer), and the record writes of a
+//! pass go out concurrently. Its own writes come back through the watch
+//! with a version it already holds and wake nothing, so a pass costs what
+//! changed, not what exists.
 
 use super::placement::{AgentView, Placer};
 use super::state::{step, TaskAction, TaskEvent, TaskRecord};
 use super::store::{self, AgentInfo, Assignment, KillOrder, Report, ReportEvent, StatusRecord};
 use dprim::tasks::{Resources, TaskSpec, TaskState};
-use dprim::{Backend, ErrorKind, KvExt, Precondition, Result, Value};
-use std::collections::BTreeMap;
+use dprim::{
+    Backend, Depth, ErrorKind, Key, KvExt, Precondition, Result, Value, Version, WatchEvent,
+    WatchStart, WatchStream, WatchTarget,
+};
+use futures::{FutureExt, StreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// How many record writes (each followed by its orders) a pass keeps in
+/// flight.
+const WRITES_IN_FLIGHT: usize = 64;
 
 /// Supervisor settings.
 #[derive(Clone)]
@@ -23,7 +40,8 @@ pub struct SupervisorConfig {
     pub session_ttl: Duration,
     /// How long a task stays UNREACHABLE before it is declared GONE.
     pub gone_timeout: Duration,
-    /// How often the leader looks at everything when nothing wakes it.
+    /// How often the leader looks at the tasks waiting on a timer (gone
+    /// timeouts, relaunch backoff, pending placement) when nothing wakes it.
     pub interval: Duration,
     /// Chooses agents for tasks.
     pub placer: Arc<dyn Placer>,
@@ -35,14 +53,205 @@ pub struct Supervisor {
     config: SupervisorConfig,
 }
 
+/// What a key under `_dprim/` is, for the leader's picture.
+enum Item {
+    Spec(String),
+    Status(String),
+    Report(String, u32),
+    KillRequest(String),
+    Agent(String),
+    Other,
+}
+
+fn classify(key: &Key) -> Item {
+    let parts: Vec<&str> = key.as_str().split('/').collect();
+    match parts.as_slice() {
+        ["_dprim", "agents", agent] => Item::Agent(agent.to_string()),
+        ["_dprim", "tasks", "spec", task] => Item::Spec(task.to_string()),
+        ["_dprim", "tasks", "status", task] => Item::Status(task.to_string()),
+        ["_dprim", "tasks", "report", task, launch] => match launch.parse() {
+            Ok(launch) => Item::Report(task.to_string(), launch),
+            Err(_) => Item::Other,
+        },
+        ["_dprim", "tasks", "kill-request", task] => Item::KillRequest(task.to_string()),
+        _ => Item::Other,
+    }
+}
+
+/// The leader's picture of every task and agent, and which tasks a pass
+/// must look at.
+#[derive(Default)]
+struct World {
+    specs: BTreeMap<String, TaskSpec>,
+    statuses: BTreeMap<String, (StatusRecord, Version)>,
+    reports: HashMap<(String, u32), Report>,
+    kill_requests: BTreeMap<String, KillOrder>,
+    agents: BTreeMap<String, AgentInfo>,
+    /// The newest version applied per key: a listing and the watch that
+    /// follows it overlap, and an older change must not undo a newer one.
+    seen: HashMap<Key, Version>,
+    /// Tasks the next pass looks at.
+    dirty: BTreeSet<String>,
+    /// Orders whose record was written but which could not be sent; the
+    /// next pass sends them if the record still calls for them.
+    unsent: BTreeMap<String, Vec<TaskAction>>,
+}
+
+impl World {
+    /// Applies one change (a listed entry, a put or a delete), unless the
+    /// picture already holds a newer version of the key.
+    fn apply(&mut self, key: &Key, value: Option<&Value>, version: Version) {
+        let item = classify(key);
+        if matches!(item, Item::Other) {
+            return;
+        }
+        if self.seen.get(key).is_some_and(|v| *v >= version) {
+            return;
+        }
+        self.seen.insert(key.clone(), version);
+        fn decoded<T: serde::de::DeserializeOwned>(key: &Key, value: Option<&Value>) -> Option<T> {
+            let value = value?;
+            match store::decode(key, value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring an unreadable task record");
+                    None
+                }
+            }
+        }
+        match item {
+            Item::Spec(task) => {
+                match decoded(key, value) {
+                    Some(spec) => self.specs.insert(task.clone(), spec),
+                    None => self.specs.remove(&task),
+                };
+                self.dirty.insert(task);
+            }
+            Item::Status(task) => {
+                match decoded(key, value) {
+                    Some(rec) => self.statuses.insert(task.clone(), (rec, version)),
+                    None => self.statuses.remove(&task),
+                };
+                self.dirty.insert(task);
+            }
+            Item::Report(task, launch) => {
+                match decoded(key, value) {
+                    Some(report) => self.reports.insert((task.clone(), launch), report),
+                    None => self.reports.remove(&(task.clone(), launch)),
+                };
+                self.dirty.insert(task);
+            }
+            Item::KillRequest(task) => {
+                match decoded(key, value) {
+                    Some(order) => self.kill_requests.insert(task.clone(), order),
+                    None => self.kill_requests.remove(&task),
+                };
+                self.dirty.insert(task);
+            }
+            Item::Agent(agent) => {
+                match decoded(key, value) {
+                    Some(info) => self.agents.insert(agent.clone(), info),
+                    None => self.agents.remove(&agent),
+                };
+                // Its tasks may be lost or back; waiting tasks may fit now.
+                for (id, (s, _)) in &self.statuses {
+                    let on_agent = s.record.agent.as_deref() == Some(agent.as_str());
+                    if on_agent || s.record.state == TaskState::Staging {
+                        self.dirty.insert(id.clone());
+                    }
+                }
+            }
+            Item::Other => {}
+        }
+    }
+
+    /// Applies a watch event; false for a resync (the picture must be read
+    /// again).
+    fn absorb(&mut self, event: WatchEvent) -> bool {
+        match event {
+            WatchEvent::Put(e) => self.apply(&e.key, Some(&e.value), e.version),
+            WatchEvent::Delete { key, version } => self.apply(&key, None, version),
+            WatchEvent::Resync { reason } => {
+                tracing::info!(%reason, "task watch resynced; reading everything again");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Marks every task a timer may be due for: not yet terminal, waiting
+    /// for a relaunch, or launched without a record.
+    fn mark_timed(&mut self) {
+        for (id, (s, _)) in &self.statuses {
+            if !s.record.state.is_terminal() || s.relaunch_at.is_some() {
+                self.dirty.insert(id.clone());
+            }
+        }
+        for id in self.specs.keys() {
+            if !self.statuses.contains_key(id) {
+                self.dirty.insert(id.clone());
+            }
+        }
+    }
+
+    /// What placed tasks use on each agent.
+    fn used(&self) -> BTreeMap<String, Resources> {
+        let mut used: BTreeMap<String, Resources> = BTreeMap::new();
+        for (id, (s, _)) in &self.statuses {
+            if matches!(
+                s.record.state,
+                TaskState::Starting | TaskState::Running | TaskState::Unreachable
+            ) {
+                if let (Some(agent), Some(spec)) = (&s.record.agent, self.specs.get(id)) {
+                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+                }
+            }
+        }
+        used
+    }
+}
+
+/// A record a pass decided to write, and the orders that follow it.
+struct Write {
+    id: String,
+    spec: TaskSpec,
+    rec: StatusRecord,
+    precondition: Precondition,
+    actions: Vec<TaskAction>,
+}
+
+enum Written {
+    /// Stored at this version; these orders could not be sent.
+    Stored {
+        id: String,
+        rec: Box<StatusRecord>,
+        version: Version,
+        unsent: Vec<TaskAction>,
+    },
+    /// Someone else wrote the record first (a launch, or another
+    /// supervisor); the watch brings their version.
+    Lost,
+}
+
+type Changes = futures::stream::SelectAll<WatchStream>;
+
+/// Resolves at the next change, or never when there is no watch.
+async fn next_change(changes: &mut Option<Changes>) -> Option<Result<WatchEvent>> {
+    match changes {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Supervisor {
     /// A supervisor on `backend`.
     pub fn new(backend: Backend, config: SupervisorConfig) -> Supervisor {
         Supervisor { backend, config }
     }
 
-    /// Campaigns, and while leader reconciles every `interval`, until
-    /// `shutdown` resolves. After losing leadership it campaigns again.
+    /// Campaigns, and while leader keeps every task's record current,
+    /// until `shutdown` resolves. After losing leadership it campaigns
+    /// again.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         loop {
@@ -62,21 +271,41 @@ impl Supervisor {
                 Err(e) if e.kind() == ErrorKind::SessionLost => continue,
                 Err(e) => return Err(e),
             };
-            tracing::info!(term = %leadership.term(), name = %self.config.name, "supervisor elected");
-            let mut waker = store::Waker::new(
-                self.backend.clone(),
-                vec![store::key("_dprim/tasks".into())?, store::agents_dir()?],
-            );
+            let term = leadership.term().0;
+            tracing::info!(term, name = %self.config.name, "supervisor elected");
+            let mut world: Option<World> = None;
+            let mut changes: Option<Changes> = None;
+            let mut timer = tokio::time::interval(self.config.interval);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 if leadership.check().is_err() {
                     break;
                 }
-                if let Err(e) = self.reconcile(leadership.term().0).await {
-                    if e.kind() == ErrorKind::NotLeader {
-                        tracing::warn!(error = %e, "a newer supervisor is writing; stepping down");
-                        break;
+                if world.is_none() {
+                    match self.load().await {
+                        Ok((w, since)) => match self.watch(since).await {
+                            Ok(c) => {
+                                world = Some(w);
+                                changes = Some(c);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot watch the tasks; retrying"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "cannot read the tasks; retrying"),
                     }
-                    tracing::warn!(error = %e, "supervisor pass failed; retrying");
+                }
+                if let Some(w) = world.as_mut() {
+                    match self.pass(w, term).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotLeader => {
+                            tracing::warn!(error = %e, "a newer supervisor is writing; stepping down");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "supervisor pass failed; reading everything again");
+                            world = None;
+                            changes = None;
+                        }
+                    }
                 }
                 tokio::select! {
                     _ = &mut shutdown => {
@@ -85,8 +314,35 @@ impl Supervisor {
                         return Ok(());
                     }
                     _ = leadership.lost() => break,
-                    _ = waker.changed() => {}
-                    _ = tokio::time::sleep(self.config.interval) => {}
+                    change = next_change(&mut changes) => {
+                        let mut next = change;
+                        // Take in everything already delivered, then make
+                        // one pass over what it touched.
+                        loop {
+                            let fine = match (next, world.as_mut()) {
+                                (Some(Ok(event)), Some(w)) => w.absorb(event),
+                                (Some(Err(e)), _) => {
+                                    tracing::warn!(error = %e, "task watch failed; reading everything again");
+                                    false
+                                }
+                                _ => false,
+                            };
+                            if !fine {
+                                world = None;
+                                changes = None;
+                                break;
+                            }
+                            match changes.as_mut().and_then(|c| c.next().now_or_never()) {
+                                Some(n) => next = n,
+                                None => break,
+                            }
+                        }
+                    }
+                    _ = timer.tick() => {
+                        if let Some(w) = world.as_mut() {
+                            w.mark_timed();
+                        }
+                    }
                 }
             }
             tracing::warn!(name = %self.config.name, "supervisor lost leadership");
@@ -96,194 +352,357 @@ impl Supervisor {
         }
     }
 
-    /// One pass over every task, as the leader of election term `term`.
+    /// One pass over every task, as the leader of election term `term`,
+    /// reading everything first.
     ///
     /// Fails `NotLeader` (writing nothing more) on meeting a record written
     /// under a later term.
     pub async fn reconcile(&self, term: u64) -> Result<()> {
-        let b = &self.backend;
-        let specs: BTreeMap<String, (TaskSpec, _)> = store::list(b, &store::spec_dir()?).await?;
-        let mut statuses: BTreeMap<String, (StatusRecord, _)> =
-            store::list(b, &store::status_dir()?).await?;
-        let reports: BTreeMap<(String, String), (Report, _)> =
-            store::list_pairs(b, &store::report_dir()?).await?;
-        let kill_requests: BTreeMap<String, (KillOrder, _)> =
-            store::list(b, &store::kill_request_dir()?).await?;
-        let agents: BTreeMap<String, (AgentInfo, _)> =
-            store::list(b, &store::agents_dir()?).await?;
-        let now = SystemTime::now();
+        let (mut world, _) = self.load().await?;
+        self.pass(&mut world, term).await
+    }
 
-        // What placed tasks use on each agent.
-        let mut used: BTreeMap<String, Resources> = BTreeMap::new();
-        for (id, (s, _)) in &statuses {
-            if matches!(
-                s.record.state,
-                TaskState::Starting | TaskState::Running | TaskState::Unreachable
-            ) {
-                if let (Some(agent), Some((spec, _))) = (&s.record.agent, specs.get(id)) {
-                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+    /// Reads everything once. Returns the picture (every task marked for
+    /// the first pass, orders lost by a previous leader queued again) and
+    /// the revision a watch continues from.
+    async fn load(&self) -> Result<(World, Version)> {
+        let b = &self.backend;
+        let mut world = World::default();
+        let mut since: Option<Version> = None;
+        for dir in [
+            store::spec_dir()?,
+            store::status_dir()?,
+            store::report_dir()?,
+            store::kill_request_dir()?,
+            store::agents_dir()?,
+        ] {
+            let listing = b.kv().list(&dir, Depth::Recursive).await?;
+            since = Some(since.map_or(listing.revision, |s| s.min(listing.revision)));
+            for e in listing.entries {
+                world.apply(&e.key, Some(&e.value), e.version);
+            }
+        }
+        // A leader that died between writing a record and sending its
+        // order leaves the order unsent; compare orders with records.
+        let assigned: BTreeMap<(String, String), (Assignment, _)> =
+            store::list_pairs(b, &store::key("_dprim/tasks/assign".into())?).await?;
+        let kill_orders: BTreeMap<(String, String), (KillOrder, _)> =
+            store::list_pairs(b, &store::key("_dprim/tasks/kill".into())?).await?;
+        for (id, (s, _)) in &world.statuses {
+            let Some(agent) = s.record.agent.clone() else {
+                continue;
+            };
+            let pair = (agent.clone(), id.clone());
+            if s.record.state == TaskState::Starting
+                && assigned
+                    .get(&pair)
+                    .is_none_or(|(a, _)| a.launch != s.record.launches)
+            {
+                world
+                    .unsent
+                    .entry(id.clone())
+                    .or_default()
+                    .push(TaskAction::Assign { agent });
+            } else if s.record.kill_requested
+                && !s.record.state.is_terminal()
+                && !kill_orders.contains_key(&pair)
+            {
+                let grace = world.kill_requests.get(id).map_or(0, |k| k.grace_ms);
+                world
+                    .unsent
+                    .entry(id.clone())
+                    .or_default()
+                    .push(TaskAction::Kill {
+                        agent,
+                        grace: Duration::from_millis(grace),
+                    });
+            }
+        }
+        world.dirty = world.specs.keys().cloned().collect();
+        let since = match since {
+            Some(s) => s,
+            None => return Err(dprim::Error::unexpected("no listing revision")),
+        };
+        Ok((world, since))
+    }
+
+    async fn watch(&self, since: Version) -> Result<Changes> {
+        let mut streams = Vec::new();
+        for dir in [store::key("_dprim/tasks".into())?, store::agents_dir()?] {
+            streams.push(
+                self.backend
+                    .kv()
+                    .watch(WatchTarget::Dir(dir), WatchStart::After(since))
+                    .await?,
+            );
+        }
+        Ok(futures::stream::select_all(streams))
+    }
+
+    /// Looks at the tasks marked in `world`, writes the records that
+    /// change (concurrently) and sends the orders that follow them.
+    async fn pass(&self, world: &mut World, term: u64) -> Result<()> {
+        let mut first_error = None;
+        // Orders of earlier passes that could not be sent, if the record
+        // still calls for them.
+        for (id, actions) in std::mem::take(&mut world.unsent) {
+            let (Some(spec), Some((rec, _))) = (world.specs.get(&id), world.statuses.get(&id))
+            else {
+                continue;
+            };
+            for action in actions {
+                let due = match &action {
+                    TaskAction::Assign { agent } => {
+                        rec.record.state == TaskState::Starting
+                            && rec.record.agent.as_ref() == Some(agent)
+                    }
+                    TaskAction::Kill { .. } => !rec.record.state.is_terminal(),
+                    _ => false,
+                };
+                if !due {
+                    continue;
+                }
+                if let Err(e) = self.carry_out(&id, spec, rec, action.clone(), term).await {
+                    world.unsent.entry(id.clone()).or_default().push(action);
+                    first_error.get_or_insert(e);
                 }
             }
         }
 
-        for (id, (spec, _)) in &specs {
-            let (mut rec, version) = match statuses.remove(id) {
-                Some((r, v)) => (r, Some(v)),
-                None => (
-                    StatusRecord {
-                        id: id.clone(),
-                        record: TaskRecord::new(spec.restart, now),
-                        report_seq: 0,
-                        term,
-                        unreachable_since: None,
-                        relaunch_at: None,
-                    },
-                    None,
-                ),
-            };
-            if rec.term > term {
-                return Err(dprim::Error::not_leader(format!(
-                    "task `{id}` was written under term {}, later than this supervisor's term {term}",
-                    rec.term
-                )));
+        let dirty = std::mem::take(&mut world.dirty);
+        let now = SystemTime::now();
+        let mut used = world.used();
+        let mut writes = Vec::new();
+        for id in dirty {
+            if let Some(w) = self.decide(world, &id, &mut used, term, now)? {
+                writes.push(w);
             }
-            let before = rec.clone();
-            let mut actions = Vec::new();
-            let mut apply = |rec: &mut StatusRecord, event: TaskEvent| match step(
-                &rec.record,
-                event.clone(),
-                now,
-            ) {
-                Ok((next, mut a)) => {
-                    rec.record = next;
-                    actions.append(&mut a);
+        }
+        let results: Vec<Result<Written>> = futures::stream::iter(writes)
+            .map(|w| self.write(w, term))
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        for result in results {
+            match result {
+                Ok(Written::Stored {
+                    id,
+                    rec,
+                    version,
+                    unsent,
+                }) => {
+                    let key = store::status_key(&id)?;
+                    if world.seen.get(&key).is_none_or(|v| *v < version) {
+                        world.seen.insert(key, version);
+                        world.statuses.insert(id.clone(), (*rec, version));
+                    }
+                    if !unsent.is_empty() {
+                        world.unsent.insert(id, unsent);
+                    }
                 }
-                Err(e) => tracing::debug!(task = %rec.id, error = %e, "ignored event"),
-            };
+                Ok(Written::Lost) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 
-            // A due relaunch starts a new launch of the same spec.
-            if let Some(at) = rec.relaunch_at {
-                if now >= at {
-                    let launches = rec.record.launches + 1;
-                    rec.record = TaskRecord::new(spec.restart, now);
-                    rec.record.launches = launches;
-                    rec.report_seq = 0;
-                    rec.relaunch_at = None;
-                    rec.unreachable_since = None;
-                }
+    /// Feeds one task's events through the state machine. Returns the
+    /// record to write, if it changes.
+    fn decide(
+        &self,
+        world: &World,
+        id: &str,
+        used: &mut BTreeMap<String, Resources>,
+        term: u64,
+        now: SystemTime,
+    ) -> Result<Option<Write>> {
+        let Some(spec) = world.specs.get(id) else {
+            return Ok(None);
+        };
+        let (mut rec, version) = match world.statuses.get(id) {
+            Some((r, v)) => (r.clone(), Some(*v)),
+            None => (
+                StatusRecord {
+                    id: id.to_string(),
+                    record: TaskRecord::new(spec.restart, now),
+                    report_seq: 0,
+                    term,
+                    unreachable_since: None,
+                    relaunch_at: None,
+                },
+                None,
+            ),
+        };
+        if rec.term > term {
+            return Err(dprim::Error::not_leader(format!(
+                "task `{id}` was written under term {}, later than this supervisor's term {term}",
+                rec.term
+            )));
+        }
+        let before = rec.clone();
+        let mut actions = Vec::new();
+        let mut fire = |rec: &mut StatusRecord, event: TaskEvent| match step(
+            &rec.record,
+            event,
+            now,
+        ) {
+            Ok((next, mut a)) => {
+                rec.record = next;
+                actions.append(&mut a);
             }
-            if kill_requests.contains_key(id)
-                && !rec.record.kill_requested
-                && !rec.record.state.is_terminal()
-            {
-                let grace = kill_requests.get(id).map_or(0, |(k, _)| k.grace_ms);
-                apply(
+            Err(e) => tracing::debug!(task = %rec.id, error = %e, "ignored event"),
+        };
+
+        // A due relaunch starts a new launch of the same spec.
+        if let Some(at) = rec.relaunch_at {
+            if now >= at {
+                let launches = rec.record.launches + 1;
+                rec.record = TaskRecord::new(spec.restart, now);
+                rec.record.launches = launches;
+                rec.report_seq = 0;
+                rec.relaunch_at = None;
+                rec.unreachable_since = None;
+            }
+        }
+        if let Some(request) = world.kill_requests.get(id) {
+            if !rec.record.kill_requested && !rec.record.state.is_terminal() {
+                fire(
                     &mut rec,
                     TaskEvent::KillRequested {
-                        grace: Duration::from_millis(grace),
+                        grace: Duration::from_millis(request.grace_ms),
                     },
                 );
             }
-            let current = (id.clone(), rec.record.launches.to_string());
-            if let Some((report, _)) = reports.get(&current) {
-                // Sequence numbers come from the agent that ran this launch;
-                // `report_seq` is reset with each new launch.
-                if report.launch == rec.record.launches && report.seq > rec.report_seq {
-                    rec.report_seq = report.seq;
-                    let unreachable = rec.record.state == TaskState::Unreachable;
-                    let event = match (&report.event, unreachable) {
-                        (ReportEvent::Started, false) => TaskEvent::Started,
-                        (ReportEvent::Started, true) => TaskEvent::AgentReturned { running: true },
-                        (_, true) => TaskEvent::AgentReturned { running: false },
-                        (ReportEvent::Exited { code }, false) => TaskEvent::Exited { code: *code },
-                        (ReportEvent::LaunchFailed { reason }, false) => TaskEvent::LaunchFailed {
-                            reason: reason.clone(),
-                        },
-                        (ReportEvent::KilledByRequest, false) => TaskEvent::KilledByRequest,
-                    };
-                    apply(&mut rec, event);
-                    if rec.record.state == TaskState::Running {
-                        rec.unreachable_since = None;
-                    }
-                }
-            }
-            let agent_present = rec
-                .record
-                .agent
-                .as_ref()
-                .is_some_and(|a| agents.contains_key(a));
-            if matches!(rec.record.state, TaskState::Starting | TaskState::Running)
-                && !agent_present
-            {
-                apply(&mut rec, TaskEvent::AgentLost);
-                rec.unreachable_since = Some(now);
-            }
-            if rec.record.state == TaskState::Unreachable {
-                let since = *rec.unreachable_since.get_or_insert(now);
-                if now.duration_since(since).unwrap_or_default() >= self.config.gone_timeout {
-                    apply(&mut rec, TaskEvent::UnreachableTimeout);
-                }
-            }
-            if rec.record.state == TaskState::Staging && rec.relaunch_at.is_none() {
-                let views: Vec<AgentView> = agents
-                    .values()
-                    .map(|(a, _)| AgentView {
-                        id: a.id.clone(),
-                        total: a.resources.clone(),
-                        used: used.get(&a.id).cloned().unwrap_or_default(),
-                        attributes: a.attributes.clone(),
-                    })
-                    .collect();
-                match self.config.placer.place(spec, &views) {
-                    Ok(agent) => {
-                        add(used.entry(agent.clone()).or_default(), &spec.resources);
-                        apply(&mut rec, TaskEvent::Placed { agent });
-                    }
-                    Err(reason) => apply(&mut rec, TaskEvent::Pending { reason }),
-                }
-            }
-
-            for action in &actions {
-                if let TaskAction::Relaunch { after } = action {
-                    rec.relaunch_at = Some(now + *after);
-                    rec.record.message = format!(
-                        "{}; launch {} follows in {}",
-                        rec.record.message,
-                        rec.record.launches + 1,
-                        humantime::format_duration(*after)
-                    );
-                }
-            }
-            if rec == before {
-                continue;
-            }
-            rec.term = term;
-            // Record first: an assignment or kill order only goes out once
-            // the record that explains it is stored.
-            let precondition = match version {
-                Some(v) => Precondition::Version(v),
-                None => Precondition::Absent,
-            };
-            match store::put_with(b, &store::status_key(id)?, &rec, precondition, None).await {
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
-                    // Someone else wrote it (a launch, or another supervisor):
-                    // look again next pass.
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            for action in actions {
-                self.carry_out(id, spec, &rec, action).await?;
-            }
-            if rec.record.state.is_terminal() {
-                if let Some(agent) = &rec.record.agent {
-                    let _ = b.kv().delete(&store::assign_key(agent, id)?).await;
-                    let _ = b.kv().delete(&store::kill_key(agent, id)?).await;
+        }
+        if let Some(report) = world.reports.get(&(id.to_string(), rec.record.launches)) {
+            // Sequence numbers come from the agent that ran this launch;
+            // `report_seq` is reset with each new launch.
+            if report.launch == rec.record.launches && report.seq > rec.report_seq {
+                rec.report_seq = report.seq;
+                let unreachable = rec.record.state == TaskState::Unreachable;
+                let event = match (&report.event, unreachable) {
+                    (ReportEvent::Started, false) => TaskEvent::Started,
+                    (ReportEvent::Started, true) => TaskEvent::AgentReturned { running: true },
+                    (_, true) => TaskEvent::AgentReturned { running: false },
+                    (ReportEvent::Exited { code }, false) => TaskEvent::Exited { code: *code },
+                    (ReportEvent::LaunchFailed { reason }, false) => TaskEvent::LaunchFailed {
+                        reason: reason.clone(),
+                    },
+                    (ReportEvent::KilledByRequest, false) => TaskEvent::KilledByRequest,
+                };
+                fire(&mut rec, event);
+                if rec.record.state == TaskState::Running {
+                    rec.unreachable_since = None;
                 }
             }
         }
-        Ok(())
+        let agent_present = rec
+            .record
+            .agent
+            .as_ref()
+            .is_some_and(|a| world.agents.contains_key(a));
+        if matches!(rec.record.state, TaskState::Starting | TaskState::Running) && !agent_present {
+            fire(&mut rec, TaskEvent::AgentLost);
+            rec.unreachable_since = Some(now);
+        }
+        if rec.record.state == TaskState::Unreachable {
+            let since = *rec.unreachable_since.get_or_insert(now);
+            if now.duration_since(since).unwrap_or_default() >= self.config.gone_timeout {
+                fire(&mut rec, TaskEvent::UnreachableTimeout);
+            }
+        }
+        if rec.record.state == TaskState::Staging && rec.relaunch_at.is_none() {
+            let views: Vec<AgentView> = world
+                .agents
+                .values()
+                .map(|a| AgentView {
+                    id: a.id.clone(),
+                    total: a.resources.clone(),
+                    used: used.get(&a.id).cloned().unwrap_or_default(),
+                    attributes: a.attributes.clone(),
+                })
+                .collect();
+            match self.config.placer.place(spec, &views) {
+                Ok(agent) => {
+                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+                    fire(&mut rec, TaskEvent::Placed { agent });
+                }
+                Err(reason) => fire(&mut rec, TaskEvent::Pending { reason }),
+            }
+        }
+
+        for action in &actions {
+            if let TaskAction::Relaunch { after } = action {
+                rec.relaunch_at = Some(now + *after);
+                rec.record.message = format!(
+                    "{}; launch {} follows in {}",
+                    rec.record.message,
+                    rec.record.launches + 1,
+                    humantime::format_duration(*after)
+                );
+            }
+        }
+        if rec == before {
+            return Ok(None);
+        }
+        rec.term = term;
+        Ok(Some(Write {
+            id: id.to_string(),
+            spec: spec.clone(),
+            rec,
+            precondition: match version {
+                Some(v) => Precondition::Version(v),
+                None => Precondition::Absent,
+            },
+            actions,
+        }))
+    }
+
+    /// Writes one record (compare-and-swap), then its orders.
+    async fn write(&self, w: Write, term: u64) -> Result<Written> {
+        let b = &self.backend;
+        // Record first: an assignment or kill order only goes out once the
+        // record that explains it is stored.
+        let version =
+            match store::put_with(b, &store::status_key(&w.id)?, &w.rec, w.precondition, None)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                    return Ok(Written::Lost)
+                }
+                Err(e) => return Err(e),
+            };
+        let mut unsent = Vec::new();
+        for action in w.actions {
+            if let Err(e) = self
+                .carry_out(&w.id, &w.spec, &w.rec, action.clone(), term)
+                .await
+            {
+                tracing::warn!(task = %w.id, error = %e, "cannot send an order yet; keeping it");
+                unsent.push(action);
+            }
+        }
+        if w.rec.record.state.is_terminal() {
+            if let Some(agent) = &w.rec.record.agent {
+                let _ = b.kv().delete(&store::assign_key(agent, &w.id)?).await;
+                if w.rec.record.kill_requested {
+                    let _ = b.kv().delete(&store::kill_key(agent, &w.id)?).await;
+                }
+            }
+        }
+        Ok(Written::Stored {
+            id: w.id,
+            rec: Box::new(w.rec),
+            version,
+            unsent,
+        })
     }
 
     async fn carry_out(
@@ -292,6 +711,7 @@ impl Supervisor {
         spec: &TaskSpec,
         rec: &StatusRecord,
         action: TaskAction,
+        term: u64,
     ) -> Result<()> {
         let b = &self.backend;
         match action {
@@ -299,7 +719,7 @@ impl Supervisor {
                 let assignment = Assignment {
                     spec: spec.clone(),
                     launch: rec.record.launches,
-                    term: rec.term,
+                    term,
                 };
                 store::put(b, &store::assign_key(&agent, id)?, &assignment).await?;
             }
@@ -307,7 +727,7 @@ impl Supervisor {
                 if !agent.is_empty() {
                     let order = KillOrder {
                         grace_ms: grace.as_millis() as u64,
-                        term: rec.term,
+                        term,
                     };
                     store::put(b, &store::kill_key(&agent, id)?, &order).await?;
                 }
