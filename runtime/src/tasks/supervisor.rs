@@ -288,7 +288,9 @@ impl Supervisor {
                                 world = Some(w);
                                 changes = Some(c);
                             }
-                            Err(e) => tracing::warn!(error = %e, "cannot watch the tasks; retrying"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot watch the tasks; retrying")
+                            }
                         },
                         Err(e) => tracing::warn!(error = %e, "cannot read the tasks; retrying"),
                     }
@@ -547,17 +549,14 @@ impl Supervisor {
         }
         let before = rec.clone();
         let mut actions = Vec::new();
-        let mut fire = |rec: &mut StatusRecord, event: TaskEvent| match step(
-            &rec.record,
-            event,
-            now,
-        ) {
-            Ok((next, mut a)) => {
-                rec.record = next;
-                actions.append(&mut a);
-            }
-            Err(e) => tracing::debug!(task = %rec.id, error = %e, "ignored event"),
-        };
+        let mut fire =
+            |rec: &mut StatusRecord, event: TaskEvent| match step(&rec.record, event, now) {
+                Ok((next, mut a)) => {
+                    rec.record = next;
+                    actions.append(&mut a);
+                }
+                Err(e) => tracing::debug!(task = %rec.id, error = %e, "ignored event"),
+            };
 
         // A due relaunch starts a new launch of the same spec.
         if let Some(at) = rec.relaunch_at {
@@ -669,16 +668,21 @@ impl Supervisor {
         let b = &self.backend;
         // Record first: an assignment or kill order only goes out once the
         // record that explains it is stored.
-        let version =
-            match store::put_with(b, &store::status_key(&w.id)?, &w.rec, w.precondition, None)
-                .await
-            {
-                Ok(v) => v,
-                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
-                    return Ok(Written::Lost)
-                }
-                Err(e) => return Err(e),
-            };
+        let version = match store::put_with(
+            b,
+            &store::status_key(&w.id)?,
+            &w.rec,
+            w.precondition,
+            None,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                return Ok(Written::Lost)
+            }
+            Err(e) => return Err(e),
+        };
         let mut unsent = Vec::new();
         for action in w.actions {
             if let Err(e) = self
