@@ -70,7 +70,7 @@ async fn main() {
                 attributes: Default::default(),
                 work_dir: work.join(format!("agent-{i:03}")),
                 session_ttl: ttl,
-                interval: Duration::from_millis(100),
+                interval: Duration::from_secs(1),
             },
         );
         handles.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));

@@ -48,14 +48,6 @@ impl Tasks for TasksClient {
     async fn launch(&self, spec: TaskSpec) -> Result<TaskId> {
         spec.validate()?;
         let id = store::new_task_id();
-        store::put_with(
-            &self.backend,
-            &store::spec_key(&id)?,
-            &spec,
-            Precondition::Absent,
-            None,
-        )
-        .await?;
         let record = StatusRecord {
             id: id.clone(),
             record: TaskRecord::new(spec.restart, SystemTime::now()),
@@ -64,10 +56,23 @@ impl Tasks for TasksClient {
             unreachable_since: None,
             relaunch_at: None,
         };
+        let spec_key = store::spec_key(&id)?;
+        let status_key = store::status_key(&id)?;
+        if self.backend.capabilities().kv.transactions {
+            // Spec and first record in one round trip.
+            let txn = dprim::Txn::new()
+                .check(spec_key.clone(), Precondition::Absent)
+                .check(status_key.clone(), Precondition::Absent)
+                .put(spec_key, store::encode(&spec)?)
+                .put(status_key, store::encode(&record)?);
+            self.backend.kv().txn(txn).await?;
+            return Ok(TaskId(id));
+        }
+        store::put_with(&self.backend, &spec_key, &spec, Precondition::Absent, None).await?;
         // The supervisor may have written it first; either way it exists.
         match store::put_with(
             &self.backend,
-            &store::status_key(&id)?,
+            &status_key,
             &record,
             Precondition::Absent,
             None,

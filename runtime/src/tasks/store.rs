@@ -151,7 +151,7 @@ pub(crate) struct KillOrder {
     pub term: u64,
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Value> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Value> {
     let bytes = serde_json::to_vec(v)
         .map_err(|e| Error::unexpected(format!("encoding a task record: {e}")))?;
     Value::new(bytes)

@@ -19,7 +19,7 @@ use super::state::{step, TaskAction, TaskEvent, TaskRecord};
 use super::store::{self, AgentInfo, Assignment, KillOrder, Report, ReportEvent, StatusRecord};
 use dprim::tasks::{Resources, TaskSpec, TaskState};
 use dprim::{
-    Backend, Depth, ErrorKind, Key, KvExt, Precondition, Result, Value, Version, WatchEvent,
+    Backend, Depth, ErrorKind, Key, KvExt, Precondition, Result, Txn, Value, Version, WatchEvent,
     WatchStart, WatchStream, WatchTarget,
 };
 use futures::{FutureExt, StreamExt};
@@ -663,9 +663,13 @@ impl Supervisor {
         }))
     }
 
-    /// Writes one record (compare-and-swap), then its orders.
+    /// Writes one record (compare-and-swap), then its orders: in one
+    /// transaction where the backend has them, else one after the other.
     async fn write(&self, w: Write, term: u64) -> Result<Written> {
         let b = &self.backend;
+        if b.capabilities().kv.transactions {
+            return self.write_atomically(w, term).await;
+        }
         // Record first: an assignment or kill order only goes out once the
         // record that explains it is stored.
         let version = match store::put_with(
@@ -709,6 +713,69 @@ impl Supervisor {
         })
     }
 
+    /// The record, its orders and the clean-up of a finished launch as one
+    /// transaction: one round trip, and no order without its record.
+    async fn write_atomically(&self, w: Write, term: u64) -> Result<Written> {
+        let status_key = store::status_key(&w.id)?;
+        let mut txn = Txn::new()
+            .check(status_key.clone(), w.precondition)
+            .put(status_key, store::encode(&w.rec)?);
+        let mut written = BTreeSet::new();
+        for action in &w.actions {
+            match action {
+                TaskAction::Assign { agent } => {
+                    let key = store::assign_key(agent, &w.id)?;
+                    let assignment = Assignment {
+                        spec: w.spec.clone(),
+                        launch: w.rec.record.launches,
+                        term,
+                    };
+                    written.insert(key.clone());
+                    txn = txn.put(key, store::encode(&assignment)?);
+                }
+                TaskAction::Kill { agent, grace } if !agent.is_empty() => {
+                    let key = store::kill_key(agent, &w.id)?;
+                    let order = KillOrder {
+                        grace_ms: grace.as_millis() as u64,
+                        term,
+                    };
+                    written.insert(key.clone());
+                    txn = txn.put(key, store::encode(&order)?);
+                }
+                _ => {}
+            }
+        }
+        if w.rec.record.state.is_terminal() {
+            if let Some(agent) = &w.rec.record.agent {
+                let mut done = vec![store::assign_key(agent, &w.id)?];
+                if w.rec.record.kill_requested {
+                    done.push(store::kill_key(agent, &w.id)?);
+                }
+                for key in done {
+                    if !written.contains(&key) {
+                        txn = txn.delete(key);
+                    }
+                }
+            }
+        }
+        let result = match self.backend.kv().txn(txn).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::Conflict => return Ok(Written::Lost),
+            Err(e) => return Err(e),
+        };
+        let Some(Some(version)) = result.versions.first().copied() else {
+            return Err(dprim::Error::unexpected(
+                "a transaction's put reported no version",
+            ));
+        };
+        Ok(Written::Stored {
+            id: w.id,
+            rec: Box::new(w.rec),
+            version,
+            unsent: Vec::new(),
+        })
+    }
+
     async fn carry_out(
         &self,
         id: &str,
@@ -749,4 +816,107 @@ fn add(total: &mut Resources, r: &Resources) {
     total.mem_bytes += r.mem_bytes;
     total.disk_bytes += r.disk_bytes;
     total.ports.extend(&r.ports);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::tasks::placement::FirstFit;
+    use dprim::tasks::Tasks;
+    use dprim::BackendConfig;
+    use dprim_memory::MemoryServer;
+
+    fn supervisor(backend: &Backend) -> Supervisor {
+        Supervisor::new(
+            backend.clone(),
+            SupervisorConfig {
+                name: "test".into(),
+                session_ttl: Duration::from_secs(2),
+                gone_timeout: Duration::from_secs(60),
+                interval: Duration::from_millis(50),
+                placer: Arc::new(FirstFit),
+            },
+        )
+    }
+
+    async fn register_agent(backend: &Backend, id: &str) {
+        let info = AgentInfo {
+            id: id.into(),
+            enforcement: String::new(),
+            resources: Resources {
+                cpus: 4.0,
+                mem_bytes: 1 << 30,
+                disk_bytes: 1 << 30,
+                ports: vec![],
+            },
+            attributes: BTreeMap::new(),
+        };
+        store::put(backend, &store::agent_key(id).unwrap(), &info)
+            .await
+            .unwrap();
+    }
+
+    fn noop() -> TaskSpec {
+        TaskSpec {
+            command: "true".into(),
+            resources: Resources {
+                cpus: 1.0,
+                ..Resources::default()
+            },
+            ..TaskSpec::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_sends_the_assignment_its_predecessor_did_not() {
+        let backend = MemoryServer::new()
+            .connect(&BackendConfig::memory())
+            .unwrap();
+        register_agent(&backend, "a1").await;
+        let client = crate::tasks::client::TasksClient::new(backend.clone());
+        let id = client.launch(noop()).await.unwrap();
+        supervisor(&backend).reconcile(1).await.unwrap();
+        let assign = store::assign_key("a1", &id.0).unwrap();
+        let (first, _) = store::get::<Assignment>(&backend, &assign)
+            .await
+            .unwrap()
+            .expect("placed and assigned");
+        assert_eq!(first.term, 1);
+        // The leader of term 1 died after writing the record, before its
+        // order reached the agent.
+        backend.kv().delete(&assign).await.unwrap();
+        supervisor(&backend).reconcile(2).await.unwrap();
+        let (again, _) = store::get::<Assignment>(&backend, &assign)
+            .await
+            .unwrap()
+            .expect("the next leader sends it again");
+        assert_eq!((again.launch, again.term), (first.launch, 2));
+    }
+
+    #[tokio::test]
+    async fn a_pass_after_its_own_writes_has_nothing_to_do() {
+        let backend = MemoryServer::new()
+            .connect(&BackendConfig::memory())
+            .unwrap();
+        register_agent(&backend, "a1").await;
+        let client = crate::tasks::client::TasksClient::new(backend.clone());
+        client.launch(noop()).await.unwrap();
+        let sup = supervisor(&backend);
+        let (mut world, since) = sup.load().await.unwrap();
+        let mut changes = sup.watch(since).await.unwrap();
+        sup.pass(&mut world, 1).await.unwrap();
+        assert!(world.dirty.is_empty());
+        // The watch delivers the pass's own record write (and the
+        // assignment); neither marks a task.
+        let mut delivered = 0;
+        while let Ok(Some(Ok(event))) =
+            tokio::time::timeout(Duration::from_millis(200), changes.next()).await
+        {
+            assert!(world.absorb(event));
+            delivered += 1;
+        }
+        assert!(delivered > 0, "the watch saw the pass's writes");
+        assert!(world.dirty.is_empty(), "{:?}", world.dirty);
+    }
 }
