@@ -385,6 +385,8 @@ pub trait Kv: Send + Sync {
     /// # Behavior
     /// - Delivers, per key, every change in version order after the start
     ///   point, or an explicit `Resync` item (after which the stream ends).
+    /// - A transaction shows watchers the keys it writes, each once: an
+    ///   `Absent` check on a key it puts produces no delete.
     /// - A watch started `After(v)` sees the change with the next version
     ///   after `v`, even if that write races the call to `watch`.
     /// - With `WatchStart::Now`, every change made after `watch` returned is

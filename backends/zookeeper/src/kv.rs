@@ -906,6 +906,15 @@ impl Kv for ZkKv {
                         check_of_index.push((n, i));
                         n += 1;
                     }
+                    // Absent and put by this transaction: the put's create
+                    // fails if the key appears, which is the check. A
+                    // create + delete here would also show watchers a
+                    // delete of a key that never existed.
+                    (_, None)
+                        if txn
+                            .ops
+                            .iter()
+                            .any(|op| matches!(op, TxnOp::Put { key: k, .. } if k == key)) => {}
                     (_, None) => {
                         self.zk.mkdirs(&client, parent(&path)).await?;
                         w.add_create(&path, &[], &self.zk.options(CreateMode::Persistent))

@@ -192,6 +192,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "Delivers, per key, every change in version order after the start point, or an explicit `Resync` item (after which the stream ends)."
         ),
         case!(
+            "kv::watch_shows_no_txn_checks",
+            watch_shows_no_txn_checks,
+            [Requirement::KvTransactions],
+            "A transaction shows watchers the keys it writes, each once: an `Absent` check on a key it puts produces no delete."
+        ),
+        case!(
             "kv::watch_sees_session_deletes",
             watch_sees_session_deletes,
             [],
@@ -1290,6 +1296,42 @@ async fn watch_many_writes_in_order(ctx: Ctx) -> CaseResult {
     writer
         .await
         .map_err(|e| Fail::Failed(format!("writer: {e}")))??;
+    Ok(())
+}
+
+async fn watch_shows_no_txn_checks(ctx: Ctx) -> CaseResult {
+    let kv = ctx.backend.kv();
+    let v0 = kv.put(&key("c/seen")?, val("0")?).await.ctx("put c/seen")?;
+    let mut w = kv
+        .watch(WatchTarget::Dir(key("c")?), WatchStart::After(v0))
+        .await
+        .ctx("watch c")?;
+    // An Absent check on the key the transaction creates, and a version
+    // check on a key it does not write.
+    let txn = Txn::new()
+        .check(key("c/new")?, Precondition::Absent)
+        .check(key("c/seen")?, Precondition::Version(v0))
+        .put(key("c/new")?, val("n")?);
+    kv.txn(txn).await.ctx("a transaction whose checks hold")?;
+    let v_end = kv.put(&key("c/end")?, val("e")?).await.ctx("put c/end")?;
+    let mut seen = Vec::new();
+    loop {
+        let event = next_change(&mut w, "watch of c").await?;
+        let done = matches!(&event, WatchEvent::Put(e) if e.version == v_end);
+        seen.push(show(&event));
+        if done {
+            break;
+        }
+    }
+    ensure_eq!(
+        seen.len(),
+        2,
+        "events between the transaction and the next put (only the put of c/new belongs there): {seen:?}"
+    );
+    ensure!(
+        seen[0].contains("c/new") && seen[0].starts_with("put"),
+        "the transaction's event: {seen:?}"
+    );
     Ok(())
 }
 
