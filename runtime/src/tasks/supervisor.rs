@@ -585,18 +585,27 @@ impl Supervisor {
             if report.launch == rec.record.launches && report.seq > rec.report_seq {
                 rec.report_seq = report.seq;
                 let unreachable = rec.record.state == TaskState::Unreachable;
-                let event = match (&report.event, unreachable) {
-                    (ReportEvent::Started, false) => TaskEvent::Started,
-                    (ReportEvent::Started, true) => TaskEvent::AgentReturned { running: true },
-                    (_, true) => TaskEvent::AgentReturned { running: false },
-                    (ReportEvent::Exited { code }, false) => TaskEvent::Exited { code: *code },
-                    (ReportEvent::LaunchFailed { reason }, false) => TaskEvent::LaunchFailed {
+                let ended = match &report.event {
+                    ReportEvent::Started => None,
+                    ReportEvent::Exited { code } => Some(TaskEvent::Exited { code: *code }),
+                    ReportEvent::LaunchFailed { reason } => Some(TaskEvent::LaunchFailed {
                         reason: reason.clone(),
-                    },
-                    (ReportEvent::KilledByRequest, false) => TaskEvent::KilledByRequest,
+                    }),
+                    ReportEvent::KilledByRequest => Some(TaskEvent::KilledByRequest),
                 };
-                fire(&mut rec, event);
-                if rec.record.state == TaskState::Running {
+                match (ended, unreachable) {
+                    (None, false) => fire(&mut rec, TaskEvent::Started),
+                    (None, true) => fire(&mut rec, TaskEvent::AgentReturned { running: true }),
+                    // Back from being unreachable with the launch's end: it
+                    // ran until then, and its exit is known.
+                    (Some(end @ (TaskEvent::Exited { .. } | TaskEvent::KilledByRequest)), true) => {
+                        fire(&mut rec, TaskEvent::AgentReturned { running: true });
+                        fire(&mut rec, end);
+                    }
+                    (Some(_), true) => fire(&mut rec, TaskEvent::AgentReturned { running: false }),
+                    (Some(end), false) => fire(&mut rec, end),
+                }
+                if rec.record.state != TaskState::Unreachable {
                     rec.unreachable_since = None;
                 }
             }
@@ -892,6 +901,57 @@ mod tests {
             .unwrap()
             .expect("the next leader sends it again");
         assert_eq!((again.launch, again.term), (first.launch, 2));
+    }
+
+    #[tokio::test]
+    async fn a_launch_that_ended_while_its_agent_was_unreachable_keeps_its_exit_code() {
+        let backend = MemoryServer::new()
+            .connect(&BackendConfig::memory())
+            .unwrap();
+        register_agent(&backend, "a1").await;
+        let client = crate::tasks::client::TasksClient::new(backend.clone());
+        let id = client.launch(noop()).await.unwrap();
+        let sup = supervisor(&backend);
+        let report = |seq: u64, event: ReportEvent| Report {
+            agent: "a1".into(),
+            launch: 1,
+            seq,
+            event,
+        };
+        let report_key = store::report_key(&id.0, 1).unwrap();
+        sup.reconcile(1).await.unwrap();
+        store::put(&backend, &report_key, &report(1, ReportEvent::Started))
+            .await
+            .unwrap();
+        sup.reconcile(1).await.unwrap();
+        assert_eq!(client.status(&id).await.unwrap().state, TaskState::Running);
+        // The agent's session ends; the task may still run.
+        backend
+            .kv()
+            .delete(&store::agent_key("a1").unwrap())
+            .await
+            .unwrap();
+        sup.reconcile(1).await.unwrap();
+        assert_eq!(
+            client.status(&id).await.unwrap().state,
+            TaskState::Unreachable
+        );
+        // It comes back and reports the exit it saw meanwhile.
+        register_agent(&backend, "a1").await;
+        store::put(
+            &backend,
+            &report_key,
+            &report(2, ReportEvent::Exited { code: 4 }),
+        )
+        .await
+        .unwrap();
+        sup.reconcile(1).await.unwrap();
+        let status = client.status(&id).await.unwrap();
+        assert_eq!(
+            (status.state, status.exit_code),
+            (TaskState::Failed, Some(4)),
+            "{status:?}"
+        );
     }
 
     #[tokio::test]
