@@ -10,6 +10,12 @@
 //! `kv.transactions`, or a fault hook such as `expire_session`) are reported
 //! skipped, naming what is missing; they are never silently dropped.
 //!
+//! The `tasks::` cases are app-level scenarios: supervisors and agents
+//! running real processes on the backend, driven through a [`TaskCluster`]
+//! that the harness builds per case ([`Harness::task_clusters`]). A harness
+//! without one gets them reported skipped, saying so; `dprim conformance`
+//! provides one on every backend.
+//!
 //! # Use from a backend crate's test target
 //! ```no_run
 //! # async fn example(registry: dprim::Registry) {
@@ -24,9 +30,11 @@
 #![deny(missing_docs)]
 
 mod cases;
+mod cluster;
 mod report;
 mod util;
 
+pub use cluster::{AgentSpec, Launch, TaskCluster, TaskClusters};
 pub use report::{CaseReport, Outcome, Report};
 
 use async_trait::async_trait;
@@ -47,22 +55,50 @@ pub trait Harness: Send + Sync {
     /// Opens a client of the backend rooted at `namespace`. Calling it twice with the
     /// same namespace gives two clients (connections) that see the same data.
     async fn open(&self, namespace: &str) -> dprim::Result<Backend>;
+
+    /// What builds the supervisors and agents of the `tasks::` cases; `None`
+    /// (the default) has those cases reported skipped.
+    fn task_clusters(&self) -> Option<Arc<dyn TaskClusters>> {
+        None
+    }
 }
 
 /// A [`Harness`] that opens backends through a [`Registry`] from one [`BackendConfig`],
 /// placing each case namespace under the config's own namespace
 /// (`<config namespace>/<case namespace>`), so runs on a shared cluster stay
 /// inside the namespace the operator gave.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConfigHarness {
     registry: Registry,
     config: BackendConfig,
+    task_clusters: Option<Arc<dyn TaskClusters>>,
 }
 
 impl ConfigHarness {
     /// A harness opening `config` (with each case's namespace) through `registry`.
     pub fn new(registry: Registry, config: BackendConfig) -> Self {
-        ConfigHarness { registry, config }
+        ConfigHarness {
+            registry,
+            config,
+            task_clusters: None,
+        }
+    }
+
+    /// The same harness, running the `tasks::` cases on clusters from
+    /// `clusters`.
+    pub fn with_task_clusters(mut self, clusters: Arc<dyn TaskClusters>) -> Self {
+        self.task_clusters = Some(clusters);
+        self
+    }
+}
+
+impl fmt::Debug for ConfigHarness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigHarness")
+            .field("registry", &self.registry)
+            .field("config", &self.config)
+            .field("task_clusters", &self.task_clusters.is_some())
+            .finish()
     }
 }
 
@@ -80,6 +116,10 @@ impl Harness for ConfigHarness {
                     .with_namespace(format!("{}/{namespace}", self.config.namespace)),
             )
             .await
+    }
+
+    fn task_clusters(&self) -> Option<Arc<dyn TaskClusters>> {
+        self.task_clusters.clone()
     }
 }
 
@@ -120,10 +160,15 @@ pub enum Requirement {
     FaultExpireSession,
     /// The `stall_session` fault hook.
     FaultStallSession,
+    /// Supervisors and agents from the harness ([`Harness::task_clusters`]).
+    TaskCluster,
 }
 
 impl Requirement {
     /// Why `backend` cannot run a case with this requirement; `None` if it can.
+    ///
+    /// [`Requirement::TaskCluster`] depends on the harness, not the
+    /// backend: see [`Requirement::unmet_by`].
     pub fn unmet(&self, backend: &Backend) -> Option<String> {
         let caps = backend.capabilities();
         let missing = |name: &str| Some(format!("requires capability {name}"));
@@ -145,7 +190,23 @@ impl Requirement {
             _ => None,
         }
     }
+
+    /// Why `harness` (with its opened `backend`) cannot run a case with this
+    /// requirement; `None` if it can.
+    pub fn unmet_by(&self, harness: &dyn Harness, backend: &Backend) -> Option<String> {
+        match self {
+            Requirement::TaskCluster if harness.task_clusters().is_none() => {
+                Some(NO_TASK_CLUSTER.to_string())
+            }
+            _ => self.unmet(backend),
+        }
+    }
 }
+
+/// Why a `tasks::` case is skipped by a harness without task clusters.
+const NO_TASK_CLUSTER: &str = "needs a task cluster (supervisors and agents running tasks): \
+     the harness offers none (Harness::task_clusters); run the suite through \
+     `dprim conformance`, which provides one on every backend";
 
 impl fmt::Display for Requirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -157,6 +218,7 @@ impl fmt::Display for Requirement {
             Requirement::QueueDeadLetter => f.write_str("queue.dead_letter"),
             Requirement::FaultExpireSession => f.write_str("fault hook expire_session"),
             Requirement::FaultStallSession => f.write_str("fault hook stall_session"),
+            Requirement::TaskCluster => f.write_str("a task cluster"),
         }
     }
 }
@@ -216,6 +278,19 @@ impl Ctx {
         self.harness
             .open(&format!("{}-{suffix}", self.namespace))
             .await
+    }
+
+    /// A task cluster on the case's namespace, from the harness; skips the
+    /// case when the harness has none.
+    pub async fn task_cluster(&self) -> Result<Box<dyn TaskCluster>, Fail> {
+        let clusters = self
+            .harness
+            .task_clusters()
+            .ok_or_else(|| Fail::Skipped(NO_TASK_CLUSTER.to_string()))?;
+        clusters
+            .start(&self.backend)
+            .await
+            .map_err(|e| Fail::Failed(format!("could not start a task cluster: {e}")))
     }
 
     /// The case's namespace.
@@ -336,7 +411,11 @@ async fn run_body(
             )))
         }
     };
-    if let Some(reason) = case.requires.iter().find_map(|r| r.unmet(&backend)) {
+    if let Some(reason) = case
+        .requires
+        .iter()
+        .find_map(|r| r.unmet_by(harness.as_ref(), &backend))
+    {
         return Err(Fail::Skipped(reason));
     }
     let ctx = Ctx {
@@ -381,7 +460,7 @@ mod tests {
             assert!(seen.insert(case.name), "duplicate case {}", case.name);
             let (primitive, behaviour) = case.name.split_once("::").expect("primitive::behaviour");
             assert!(
-                ["keys", "kv", "session", "lock", "election", "pubsub", "queue"]
+                ["keys", "kv", "session", "lock", "election", "pubsub", "queue", "tasks"]
                     .contains(&primitive),
                 "{}",
                 case.name

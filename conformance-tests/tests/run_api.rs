@@ -53,3 +53,23 @@ async fn a_case_over_its_timeout_fails() {
         case.reason
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_cases_without_a_task_cluster_are_skipped_saying_why() {
+    let options = RunOptions {
+        filter: Some("tasks::".into()),
+        ..RunOptions::default()
+    };
+    let report = run(harness(), options, &mut |_| {}).await;
+    assert!(report.cases.len() >= 9, "{}", report.table());
+    for case in &report.cases {
+        assert_eq!(case.outcome, Outcome::Skipped, "{}", report.table());
+        assert!(
+            case.reason.contains("needs a task cluster")
+                && case.reason.contains("dprim conformance"),
+            "{}: {}",
+            case.name,
+            case.reason
+        );
+    }
+}

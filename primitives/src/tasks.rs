@@ -157,6 +157,28 @@ pub struct ReconcilePage {
 }
 
 /// Launching and following tasks.
+///
+/// Tasks run on agents (processes that register what they offer and run
+/// tasks as child processes, each with a session); one elected supervisor
+/// among several places them and follows their agents.
+///
+/// # Behavior
+/// - A task whose command exits 0 ends FINISHED with exit code 0.
+/// - A task whose command exits non-zero ends FAILED with that exit code.
+/// - A task that needs more than any agent has stays STAGING, its message
+///   saying it needs more than any agent has.
+/// - A task runs only on an agent whose attributes satisfy all of its
+///   constraints.
+/// - A task whose restart policy is `OnFailure` is launched again after it
+///   fails, until a launch succeeds.
+/// - When an agent dies, its tasks become UNREACHABLE within the session TTL
+///   plus one second, and a task whose restart policy allows it is
+///   relaunched on another agent.
+/// - An agent that was cut off longer than its session TTL (paused, or
+///   partitioned) and comes back kills the tasks that were replaced while
+///   it was away.
+/// - When the leading supervisor dies, a standby takes over, and no task is
+///   lost or launched twice.
 #[async_trait]
 pub trait Tasks: Send + Sync {
     /// Accepts a task for launch.
@@ -165,12 +187,20 @@ pub trait Tasks: Send + Sync {
     /// Returns once the task is recorded in STAGING; it is then placed and started.
     async fn launch(&self, spec: TaskSpec) -> Result<TaskId>;
     /// Kills a task: SIGTERM, then SIGKILL after `grace`.
+    ///
+    /// # Behavior
+    /// A killed task ends KILLED once its process is gone.
     async fn kill(&self, id: &TaskId, grace: Duration) -> Result<()>;
     /// The latest status; `NotFound` for an unknown id.
     async fn status(&self, id: &TaskId) -> Result<TaskStatus>;
     /// Every status update from now on (at-least-once).
     async fn watch(&self) -> Result<BoxStream<'static, Result<TaskStatus>>>;
     /// What is known about `ids` (explicit) or every task (implicit, `None`), paginated.
+    ///
+    /// # Behavior
+    /// Implicit reconciliation returns every task, page by page; explicit
+    /// reconciliation answers in the order asked, UNKNOWN for an id nobody
+    /// knows.
     async fn reconcile(
         &self,
         ids: Option<Vec<TaskId>>,

@@ -124,6 +124,7 @@ Examples:
   dprim task launch --constraint zone==z1 --restart on-failure -- sleep 60
   dprim task ls
   dprim task status t019bc7d4a1f-3e2a9c
+  dprim task logs t019bc7d4a1f-3e2a9c --follow
   dprim task kill t019bc7d4a1f-3e2a9c --grace 10s
 
 Tasks are run by agents (`dprim agent`) and placed by a supervisor
@@ -141,8 +142,14 @@ Example:
 
 Each task runs as a child process in its own process group, with its working
 directory (sandbox) under --work-dir/<task>/<launch> holding its stdout and
-stderr files. Resource amounts are used for placement; they are not enforced
-on the process yet. Ctrl-C kills the agent's tasks and leaves.")]
+stderr files, which `dprim task logs` reads through the backend. Resource
+amounts are used for placement; they are not enforced on the process yet.
+Ctrl-C kills the agent's tasks and leaves.
+
+The agent keeps a checkpoint in --work-dir/agent.json (its tasks and the
+reports not yet written to the backend). If it dies, starting it again with
+the same --work-dir takes back the tasks still running and reports those
+that ended meanwhile with their exit code; nothing is launched twice.")]
     Agent(AgentArgs),
     /// List the registered agents.
     Agents {
@@ -165,7 +172,12 @@ what is left, prints a summary and exits 0.")]
     #[command(after_help = "\
 Without --config the suite runs against the embedded in-memory backend. Each
 case prints a line as it finishes, then a summary table; report.json and
-report.md are written to --report. Exits 1 if any case failed.")]
+report.md are written to --report. Exits 1 if any case failed.
+
+The tasks:: cases run supervisors and agents on the backend (in this process
+on memory, otherwise as child dprim processes reading a copy of --config)
+and real task processes (sh, sleep) under the temporary directory; all of
+them are stopped when each case ends.")]
     Conformance(ConformanceArgs),
 }
 
@@ -222,6 +234,36 @@ pub enum TaskCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "DURATION")]
         grace: Duration,
     },
+    /// Print a task's output (stdout, or stderr with --stderr).
+    #[command(after_help = "\
+Examples:
+  dprim task logs t019bc7d4a1f-3e2a9c                  stdout of the latest launch
+  dprim task logs t019bc7d4a1f-3e2a9c --stderr --launch 1
+  dprim task logs t019bc7d4a1f-3e2a9c --follow --tail 4KiB
+
+The output is read from the agent that ran the launch, through the backend,
+so the agent must be running (`dprim agents ls`). The bytes are printed
+exactly as the task wrote them. --follow keeps printing new output until the
+launch has ended and everything it wrote is printed, then exits 0; Ctrl-C
+stops it earlier. With --output json each piece of output is one line:
+{\"offset\", \"data\", \"encoding\": \"utf8\" or \"hex\"}.")]
+    Logs {
+        /// The task id.
+        id: String,
+        /// Print the task's stderr instead of its stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Which launch: 1 for the first (a restarted task has several).
+        /// Default: the latest.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        launch: Option<u32>,
+        /// Keep printing new output until the launch ends.
+        #[arg(long, short)]
+        follow: bool,
+        /// Start this many bytes before the end, e.g. 4KiB.
+        #[arg(long, value_name = "BYTES")]
+        tail: Option<String>,
+    },
     /// Print status updates as they happen.
     Watch {
         /// Stop after this many updates.
@@ -249,7 +291,8 @@ pub struct AgentArgs {
     /// Attributes used by constraints: rack=r1,zone=z1.
     #[arg(long, default_value = "", value_name = "ATTRIBUTES")]
     pub attributes: String,
-    /// Where task sandboxes go.
+    /// Where task sandboxes and the agent's checkpoint go; restarting the
+    /// agent with the same dir takes back the tasks still running there.
     #[arg(long, value_name = "DIR")]
     pub work_dir: PathBuf,
     /// TTL of the agent's session (default: the config's session_ttl).

@@ -43,16 +43,25 @@ impl From<PrintError> for Failure {
     }
 }
 
+fn print_error(e: io::Error) -> PrintError {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        PrintError::Closed
+    } else {
+        PrintError::Io(e)
+    }
+}
+
 fn write_line(line: &str) -> Result<(), PrintError> {
     let mut stdout = io::stdout().lock();
     let result = writeln!(stdout, "{line}").and_then(|_| stdout.flush());
-    result.map_err(|e| {
-        if e.kind() == io::ErrorKind::BrokenPipe {
-            PrintError::Closed
-        } else {
-            PrintError::Io(e)
-        }
-    })
+    result.map_err(print_error)
+}
+
+/// Writes bytes to stdout exactly as they are (no newline added).
+pub(crate) fn write_raw(bytes: &[u8]) -> Result<(), PrintError> {
+    let mut stdout = io::stdout().lock();
+    let result = stdout.write_all(bytes).and_then(|_| stdout.flush());
+    result.map_err(print_error)
 }
 
 impl Out {

@@ -430,6 +430,25 @@ fn conformance_writes_a_report() {
 }
 
 #[test]
+fn conformance_runs_the_tasks_group_with_a_task_cluster() {
+    let dir = temp_dir("conformance-tasks").join("report");
+    let o = run(&[
+        "conformance",
+        "--filter",
+        "tasks::launch_and_finish",
+        "--report",
+        dir.to_str().unwrap(),
+    ]);
+    // Run, not skipped: the command gives the suite its task cluster.
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("PASS tasks::launch_and_finish"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn conformance_filter_matching_nothing_is_an_error() {
     let dir = temp_dir("conformance-empty").join("report");
     let o = run(&[

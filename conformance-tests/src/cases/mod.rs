@@ -1,5 +1,6 @@
-// The case catalogue: one module per primitive, plus helpers every case uses
-// (sessions, fault hooks, reading watch and subscription streams).
+// The case catalogue: one module per primitive (and `tasks`, the app-level
+// scenarios), plus helpers every case uses (sessions, fault hooks, reading
+// watch and subscription streams).
 
 mod election;
 mod keys;
@@ -8,6 +9,7 @@ mod lock;
 mod pubsub;
 mod queue;
 mod session;
+mod tasks;
 
 use crate::util::{hook_result, within, Context, WAIT};
 use crate::{Case, Ctx, Fail};
@@ -38,6 +40,7 @@ pub(crate) fn all() -> Vec<Case> {
     all.extend(election::cases());
     all.extend(pubsub::cases());
     all.extend(queue::cases());
+    all.extend(tasks::cases());
     all
 }
 

@@ -4,6 +4,7 @@ use super::check::MEMORY_NOTE;
 use crate::cli::{ConformanceArgs, Ctx};
 use crate::exit::{self, Failure, OK};
 use crate::output::note;
+use crate::tasks::cluster::Clusters;
 use dprim::{Error, ErrorKind};
 use dprim_conformance::{CaseReport, ConfigHarness, Outcome, RunOptions};
 use serde_json::json;
@@ -39,7 +40,12 @@ pub(crate) async fn run(ctx: &Ctx, args: ConformanceArgs) -> Result<u8, Failure>
             note(&format!("note: {MEMORY_NOTE}"));
         }
     }
-    let harness = Arc::new(ConfigHarness::new(registry, config.backend.clone()));
+    // The `tasks::` cases run supervisors and agents: in this process on
+    // memory, otherwise as child processes of this binary on the same config.
+    let clusters = Clusters::for_config(&config, ctx.config.as_deref()).map_err(Failure::new)?;
+    let harness = Arc::new(
+        ConfigHarness::new(registry, config.backend.clone()).with_task_clusters(Arc::new(clusters)),
+    );
     let mut options = RunOptions {
         filter: args.filter.clone(),
         ..RunOptions::default()

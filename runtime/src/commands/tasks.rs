@@ -1,10 +1,12 @@
 //! `dprim task ...`, `dprim agent`, `dprim agents ls`, `dprim supervisor`.
 
-use super::identity;
+use super::{ephemeral_hint, identity};
 use crate::cli::{AgentArgs, AgentsCommand, Ctx, RestartArg, SupervisorArgs, TaskCommand};
 use crate::exit::{Failure, OK};
+use crate::output::{hex, write_raw, Out, PrintError};
 use crate::tasks::agent::{Agent, AgentConfig};
 use crate::tasks::client::TasksClient;
+use crate::tasks::logs::{LogStream, CHUNK_BYTES};
 use crate::tasks::placement::FirstFit;
 use crate::tasks::resources::{parse_attributes, parse_bytes, parse_constraint, parse_resources};
 use crate::tasks::supervisor::{Supervisor, SupervisorConfig};
@@ -137,6 +139,20 @@ pub(crate) async fn task(ctx: &Ctx, command: TaskCommand) -> Result<u8, Failure>
             )?;
             Ok(OK)
         }
+        TaskCommand::Logs {
+            id,
+            stderr,
+            launch,
+            follow,
+            tail,
+        } => {
+            let stream = if stderr {
+                LogStream::Stderr
+            } else {
+                LogStream::Stdout
+            };
+            logs(ctx, &id, stream, launch, follow, tail.as_deref()).await
+        }
         TaskCommand::Watch { count } => {
             let (backend, _) = ctx.open().await?;
             let mut updates = TasksClient::new(backend).watch().await?;
@@ -160,6 +176,145 @@ pub(crate) async fn task(ctx: &Ctx, command: TaskCommand) -> Result<u8, Failure>
                 }
             }
         }
+    }
+}
+
+/// How often `dprim task logs --follow` asks for new output.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `dprim task logs`.
+async fn logs(
+    ctx: &Ctx,
+    id: &str,
+    stream: LogStream,
+    launch: Option<u32>,
+    follow: bool,
+    tail: Option<&str>,
+) -> Result<u8, Failure> {
+    let id = task_id(id)?;
+    let tail = tail.map(parse_bytes).transpose()?;
+    let (backend, _) = ctx.open().await?;
+    let memory_hint = ephemeral_hint(&backend, ctx.config.as_deref());
+    let client = TasksClient::new(backend);
+    // Errors about the agent get a pointer to the agents, not the generic
+    // "check endpoints" hint an `Unavailable` backend would get.
+    let failure = |e: Error| {
+        let about_agent = e.context().iter().any(|(name, _)| *name == "agent")
+            && matches!(
+                e.kind(),
+                dprim::ErrorKind::Unavailable | dprim::ErrorKind::Timeout
+            );
+        let not_found = e.kind() == dprim::ErrorKind::NotFound;
+        let mut f = Failure::new(e);
+        if about_agent {
+            f = f.hint("`dprim agents ls` lists the registered agents");
+        } else if not_found {
+            if let Some(h) = &memory_hint {
+                f = f.hint(h.clone());
+            }
+        }
+        f
+    };
+    let work = async {
+        let mut logs = client.logs(&id, stream, launch).await.map_err(&failure)?;
+        let mut offset = match tail {
+            Some(n) => logs.size().await.map_err(&failure)?.saturating_sub(n),
+            None => 0,
+        };
+        let mut printer = LogPrinter::new(ctx.out);
+        loop {
+            // Asked before reading: output written before the launch ended
+            // is then read below, and nothing is left unread at the end.
+            let ended = follow && logs.ended().await.map_err(&failure)?;
+            loop {
+                let chunk = logs.read(offset, CHUNK_BYTES).await.map_err(&failure)?;
+                printer.print(offset, &chunk.data)?;
+                offset += chunk.data.len() as u64;
+                if chunk.data.is_empty() || offset >= chunk.size {
+                    break;
+                }
+            }
+            if !follow || ended {
+                printer.finish()?;
+                return Ok(OK);
+            }
+            tokio::time::sleep(FOLLOW_INTERVAL).await;
+        }
+    };
+    let interrupted = ctx.interrupted();
+    tokio::select! {
+        _ = interrupted => Ok(OK),
+        result = work => result,
+    }
+}
+
+/// Prints task output: the raw bytes in text mode. In JSON mode one object
+/// per piece, as UTF-8 text where it is, else hex; a UTF-8 character split
+/// between two chunks is held back until its rest arrives, so text does not
+/// turn into hex only because of where a chunk ended.
+struct LogPrinter {
+    out: Out,
+    /// Bytes not printed yet (JSON mode), starting at `offset`.
+    pending: Vec<u8>,
+    offset: u64,
+}
+
+impl LogPrinter {
+    fn new(out: Out) -> LogPrinter {
+        LogPrinter {
+            out,
+            pending: Vec::new(),
+            offset: 0,
+        }
+    }
+
+    fn print(&mut self, offset: u64, data: &[u8]) -> Result<(), PrintError> {
+        if !self.out.is_json() {
+            return if data.is_empty() {
+                Ok(())
+            } else {
+                write_raw(data)
+            };
+        }
+        if self.pending.is_empty() {
+            self.offset = offset;
+        }
+        self.pending.extend_from_slice(data);
+        let ready = ready_len(&self.pending);
+        if ready > 0 {
+            let piece: Vec<u8> = self.pending.drain(..ready).collect();
+            self.emit(&piece)?;
+            self.offset += ready as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), PrintError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::take(&mut self.pending);
+        self.emit(&piece)
+    }
+
+    fn emit(&self, piece: &[u8]) -> Result<(), PrintError> {
+        let (data, encoding) = match std::str::from_utf8(piece) {
+            Ok(text) => (json!(text), "utf8"),
+            Err(_) => (json!(hex(piece)), "hex"),
+        };
+        self.out.emit(
+            "",
+            json!({"offset": self.offset, "data": data, "encoding": encoding}),
+        )
+    }
+}
+
+/// How many of `bytes` can be printed now: all, except an incomplete UTF-8
+/// character at the very end (its rest may come with the next chunk).
+fn ready_len(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => bytes.len(),
     }
 }
 
@@ -222,4 +377,21 @@ pub(crate) async fn supervisor(ctx: &Ctx, args: SupervisorArgs) -> Result<u8, Fa
     crate::output::note(&format!("supervisor {name} campaigning (Ctrl-C to stop)"));
     supervisor.run(ctx.interrupted()).await?;
     Ok(OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_utf8_character_is_held_back() {
+        let text = "héllo".as_bytes();
+        assert_eq!(ready_len(text), text.len());
+        // `é` is two bytes; a chunk ending after its first byte holds it.
+        assert_eq!(ready_len(&text[..2]), 1);
+        assert_eq!(ready_len(&text[..3]), 3);
+        // Bytes that are not UTF-8 at all are not held (they print as hex).
+        assert_eq!(ready_len(&[0xff, b'a']), 2);
+        assert_eq!(ready_len(b""), 0);
+    }
 }

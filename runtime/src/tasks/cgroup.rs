@@ -132,6 +132,25 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| io("cannot write", path, e))
 }
 
+/// Makes `base/name`, and `base` first if it is missing (another agent of
+/// the same id on this machine may have released it meanwhile).
+fn make_group(base: &Path, name: &str) -> Result<PathBuf> {
+    let dir = base.join(name);
+    for _ in 0..3 {
+        make_dir(base)?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io("cannot create the control group", &dir, e)),
+        }
+    }
+    Err(Error::unexpected(format!(
+        "cannot create the control group `{}`: its parent keeps disappearing",
+        dir.display()
+    )))
+}
+
 fn make_dir(path: &Path) -> Result<()> {
     match std::fs::create_dir(path) {
         Ok(()) => Ok(()),
@@ -259,6 +278,18 @@ impl Cgroups {
         }
     }
 
+    /// Removes the agent's own group if no task's group is left in it
+    /// (a task still running after the agent left keeps it).
+    pub fn release(&self) {
+        let dirs = match &self.hierarchy {
+            Hierarchy::V2 { base, .. } => vec![base],
+            Hierarchy::V1 { memory, cpu } => std::iter::once(memory).chain(cpu).collect(),
+        };
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Makes the group `name` (a key segment: `<task>-<launch>`) with the
     /// limits of `resources` (0 memory or 0 CPUs: no limit of that kind).
     pub fn create(&self, name: &str, resources: &Resources) -> Result<TaskCgroup> {
@@ -267,8 +298,10 @@ impl Cgroups {
         let memory = (resources.mem_bytes > 0).then_some(resources.mem_bytes);
         let group = match &self.hierarchy {
             Hierarchy::V2 { base, cpu } => {
-                let dir = base.join(name);
-                make_dir(&dir)?;
+                let dir = make_group(base, name)?;
+                // Again, in case `base` was just made anew.
+                let enabled = if *cpu { "+memory +cpu" } else { "+memory" };
+                let _ = std::fs::write(base.join("cgroup.subtree_control"), enabled);
                 let group = TaskCgroup {
                     dirs: vec![dir.clone()],
                     v2: true,
@@ -288,15 +321,13 @@ impl Cgroups {
                 memory: mem_base,
                 cpu,
             } => {
-                let mem_dir = mem_base.join(name);
-                make_dir(&mem_dir)?;
+                let mem_dir = make_group(mem_base, name)?;
                 let mut dirs = vec![mem_dir.clone()];
                 if let Some(bytes) = memory {
                     write(&mem_dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
                 }
                 if let Some(cpu_base) = cpu {
-                    let cpu_dir = cpu_base.join(name);
-                    make_dir(&cpu_dir)?;
+                    let cpu_dir = make_group(cpu_base, name)?;
                     dirs.push(cpu_dir.clone());
                     if let Some(quota) = quota {
                         write(

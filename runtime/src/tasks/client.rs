@@ -2,6 +2,7 @@
 //! spec and the first record; everything else reads records or leaves
 //! requests for the supervisor.
 
+use super::logs::{LogStream, TaskLogs};
 use super::state::TaskRecord;
 use super::store::{self, KillOrder, StatusRecord};
 use async_trait::async_trait;
@@ -26,6 +27,25 @@ impl TasksClient {
     /// A client on `backend`.
     pub fn new(backend: Backend) -> TasksClient {
         TasksClient { backend }
+    }
+
+    /// The output of one launch of task `id` (default: its latest launch),
+    /// read from the agent that ran it through the backend; see
+    /// [`TaskLogs`].
+    ///
+    /// # Behavior
+    /// - An unknown task is `NotFound`, naming it.
+    /// - A task not placed on an agent yet, or a launch that never started,
+    ///   is `NotFound`, saying so.
+    /// - An agent that is no longer registered is `Unavailable`, naming it.
+    pub async fn logs(
+        &self,
+        id: &TaskId,
+        stream: LogStream,
+        launch: Option<u32>,
+    ) -> Result<TaskLogs> {
+        let record = self.record(id).await?;
+        TaskLogs::open(self.backend.clone(), record, launch, stream).await
     }
 
     async fn record(&self, id: &TaskId) -> Result<StatusRecord> {
