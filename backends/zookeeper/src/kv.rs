@@ -37,7 +37,7 @@ use dprim::{
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use zookeeper_client::{
@@ -66,7 +66,20 @@ pub(crate) struct KvState {
     /// everything old enough.
     trimming: AtomicBool,
     remembered: Mutex<HashMap<Key, Remembered>>,
+    /// Log records being read or read lately, by sequence: every watch of
+    /// the backend hears of every new record, and one read serves them all.
+    records: Mutex<std::collections::BTreeMap<i64, RecordRead>>,
 }
+
+/// One log record's read, shared by the watches that want it. The error is
+/// a message: the watch that sees it resyncs, naming it.
+type RecordRead = futures::future::Shared<
+    futures::future::BoxFuture<'static, std::result::Result<Arc<(Vec<u8>, Stat)>, String>>,
+>;
+
+/// Record reads kept for watches that hear of a record late; older ones
+/// are read again if ever asked for.
+const SHARED_RECORDS: usize = 4096;
 
 /// What a read or a write of the main session saw of a persistent key.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +91,50 @@ struct Remembered {
 }
 
 impl KvState {
+    /// Reads log record `seq` at `path` through `client`, or joins the read
+    /// another watch of this backend started.
+    async fn read_record(
+        &self,
+        client: &Client,
+        seq: i64,
+        path: &str,
+    ) -> std::result::Result<Arc<(Vec<u8>, Stat)>, String> {
+        use futures::FutureExt;
+        let read = {
+            let mut map = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&seq) {
+                Some(read) => read.clone(),
+                None => {
+                    let client = client.clone();
+                    let path = path.to_string();
+                    let read: RecordRead = async move {
+                        client
+                            .get_data(&path)
+                            .await
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string())
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(seq, read.clone());
+                    while map.len() > SHARED_RECORDS {
+                        map.pop_first();
+                    }
+                    read
+                }
+            }
+        };
+        let result = read.await;
+        if result.is_err() {
+            // Not kept: a watch asking again reads again.
+            self.records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&seq);
+        }
+        result
+    }
+
     fn remember(&self, key: &Key, r: Option<Remembered>) {
         let mut map = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
         match r {
@@ -1056,6 +1113,8 @@ impl Kv for ZkKv {
             logged_deletes: HashMap::new(),
             last_version: HashMap::new(),
             ephemerals: HashSet::new(),
+            quiet_checks: 0,
+            checked_log: None,
         };
         let opening = w.open(start).await?;
         tokio::spawn(w.run(watcher, opening));
@@ -1139,6 +1198,12 @@ struct Watcher {
     /// The log head read right after the watch was installed: deletions in
     /// later records are certain to show up as NodeDeleted events too.
     install_point: i64,
+    /// Quiet-time checks made so far (every tenth also checks ephemerals).
+    quiet_checks: u64,
+    /// The log directory's pzxid at the last full catch-up: while it is
+    /// unchanged no record was added or trimmed, and listing the log again
+    /// would find nothing new.
+    checked_log: Option<i64>,
     /// Logged deletions whose NodeDeleted event is still to come, by path.
     logged_deletes: HashMap<String, usize>,
     last_version: HashMap<Key, i64>,
@@ -1306,6 +1371,29 @@ impl Watcher {
         let _ = self.tx.send(Ok(WatchEvent::Resync { reason })).await;
     }
 
+    /// The once-a-second safety net: a full catch-up only if the log
+    /// changed since the last one (or every tenth time, for the ephemeral
+    /// keys, whose server-side deletion leaves no log record). Every watch
+    /// of every client runs it, so when nothing changed it must cost one
+    /// `exists`, not a listing of the whole log.
+    async fn quiet_check(&mut self) -> Result<bool> {
+        self.quiet_checks += 1;
+        let log_dir = self.zk.layout().log_dir();
+        let pzxid = self
+            .zk
+            .call("exists", self.client.check_stat(&log_dir))
+            .await?
+            .map(|s| s.pzxid);
+        if pzxid.is_some() && pzxid == self.checked_log && self.quiet_checks % 10 != 0 {
+            return Ok(true);
+        }
+        let caught_up = self.catch_up().await?;
+        if caught_up {
+            self.checked_log = pzxid;
+        }
+        Ok(caught_up)
+    }
+
     /// After a reconnect: persistent watches may miss events while
     /// disconnected (ZOOKEEPER-4698), so catch up from the log and check
     /// the ephemeral keys seen so far.
@@ -1364,7 +1452,7 @@ impl Watcher {
                 e = watcher.changed() => e,
                 s = states.changed() => zookeeper_client::WatchedEvent::new_session(s),
                 _ = tick.tick() => {
-                    match self.catch_up().await {
+                    match self.quiet_check().await {
                         Ok(true) => continue,
                         Ok(false) => {
                             self.resync("change-log records were trimmed before the watch read them; re-list and watch from the listing's revision".into()).await;
@@ -1428,10 +1516,17 @@ impl Watcher {
                     if seq <= self.last_seq {
                         continue;
                     }
-                    match self.zk.call("get", self.client.get_data(&event.path)).await {
-                        Ok((data, stat)) => {
+                    let read = tokio::time::timeout(
+                        self.zk.0.request_timeout,
+                        self.zk.0.kv.read_record(&self.client, seq, &event.path),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                    match read {
+                        Ok(record) => {
                             self.last_seq = seq;
-                            if !self.handle_record(&data, &stat).await {
+                            let (data, stat) = &*record;
+                            if !self.handle_record(data, stat).await {
                                 return;
                             }
                         }
