@@ -18,6 +18,7 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
+use std::sync::Arc;
 
 /// Most segments a key may have.
 pub const MAX_KEY_SEGMENTS: usize = 16;
@@ -27,9 +28,10 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
 
 /// A validated key. The empty key ([`Key::root`]) names the namespace root and
-/// is only valid where a directory is expected (list, watch).
+/// is only valid where a directory is expected (list, watch). Shared, so a
+/// clone (one per delivered message or watch event) does not copy it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Key(String);
+pub struct Key(Arc<str>);
 
 fn is_portable(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
@@ -87,12 +89,12 @@ impl Key {
                 "{segments} segments is more than the limit of {MAX_KEY_SEGMENTS}"
             )));
         }
-        Ok(Key(path.to_string()))
+        Ok(Key(path.into()))
     }
 
     /// The namespace root: the directory holding every key.
     pub fn root() -> Key {
-        Key(String::new())
+        Key("".into())
     }
 
     /// Whether this is the root directory.
@@ -141,7 +143,7 @@ impl Key {
             return None;
         }
         Some(match self.0.rfind('/') {
-            Some(i) => Key(self.0[..i].to_string()),
+            Some(i) => Key(self.0[..i].into()),
             None => Key::root(),
         })
     }
@@ -158,7 +160,7 @@ impl Key {
             return !self.is_root();
         }
         self.0.len() > dir.0.len()
-            && self.0.starts_with(&dir.0)
+            && self.0.starts_with(&*dir.0)
             && self.0.as_bytes()[dir.0.len()] == b'/'
     }
 
@@ -170,7 +172,7 @@ impl Key {
     /// Key relative to `dir` (`a/b/c` relative to `a` is `b/c`); `None` if not under it.
     pub fn strip_dir(&self, dir: &Key) -> Option<&str> {
         if dir.is_root() {
-            return (!self.is_root()).then_some(self.0.as_str());
+            return (!self.is_root()).then_some(&*self.0);
         }
         self.is_under(dir).then(|| &self.0[dir.0.len() + 1..])
     }
