@@ -20,8 +20,9 @@ pub(crate) struct NatsPubSub {
     published: AtomicU64,
     /// The round trip confirming the latest window of publishes.
     confirm: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The subject of the topic published last, reused while it repeats.
-    last_topic: Mutex<Option<(Key, String)>>,
+    /// The subject of the topic published last, reused while it repeats
+    /// (a `Subject` shares its bytes: no copy per publish).
+    last_topic: Mutex<Option<(Key, async_nats::Subject)>>,
 }
 
 /// Publishes per window: a publisher never gets more than two windows
@@ -38,12 +39,12 @@ impl NatsPubSub {
         }
     }
 
-    fn subject(&self, topic: &Key) -> String {
+    fn subject(&self, topic: &Key) -> async_nats::Subject {
         let mut last = self.last_topic.lock().unwrap_or_else(|p| p.into_inner());
         match &*last {
             Some((k, s)) if k == topic => s.clone(),
             _ => {
-                let s = self.nats.layout.topic(topic);
+                let s = async_nats::Subject::from(self.nats.layout.topic(topic));
                 *last = Some((topic.clone(), s.clone()));
                 s
             }
