@@ -356,7 +356,10 @@ pub(crate) async fn agent(ctx: &Ctx, args: AgentArgs) -> Result<u8, Failure> {
             interval: interval(),
         },
     );
-    crate::output::note(&format!("agent {id} running (Ctrl-C to stop)"));
+    crate::output::note(&format!(
+        "agent {id} running (Ctrl-C to stop); resources held with {}",
+        agent.enforcement().describe()
+    ));
     agent.run(ctx.interrupted()).await?;
     Ok(OK)
 }

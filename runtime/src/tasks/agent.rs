@@ -263,6 +263,11 @@ impl Agent {
         }
     }
 
+    /// How this agent holds tasks to their resources on this machine.
+    pub fn enforcement(&self) -> &Enforcement {
+        &self.enforcement
+    }
+
     /// Runs until `shutdown` resolves; then kills its tasks and leaves.
     ///
     /// # Behavior
@@ -319,6 +324,17 @@ struct Runner {
     written: HashMap<Key, (Version, u64)>,
     /// Reports were delivered since the checkpoint was last saved.
     unsaved_deliveries: bool,
+}
+
+impl Drop for Runner {
+    /// The agent's own control group goes with it when no task's group is
+    /// left in it (the kernel refuses otherwise; a task still running keeps
+    /// it for the next agent).
+    fn drop(&mut self) {
+        if let Enforcement::Cgroup { cgroups } = &self.enforcement {
+            cgroups.release();
+        }
+    }
 }
 
 impl Runner {
@@ -643,9 +659,6 @@ impl Runner {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
         if self.unsaved_deliveries {
             self.save();
-        }
-        if let Enforcement::Cgroup { cgroups } = &self.enforcement {
-            cgroups.release();
         }
         let _ = session.close().await;
         Ok(())
