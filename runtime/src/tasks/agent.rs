@@ -163,15 +163,11 @@ impl Orders {
         self.seen.insert(key.clone(), version);
         let task = key.name().to_string();
         if assignment {
-            match value.and_then(|v| decoded(key, v)) {
-                Some(a) => self.assignments.insert(task, (a, version)),
-                None => self.assignments.remove(&task),
-            };
+            let a = value.and_then(|v| decoded(key, v)).map(|a| (a, version));
+            store::set(&mut self.assignments, task, a);
         } else {
-            match value.and_then(|v| decoded(key, v)) {
-                Some(k) => self.kills.insert(task, (k, version)),
-                None => self.kills.remove(&task),
-            };
+            let k = value.and_then(|v| decoded(key, v)).map(|k| (k, version));
+            store::set(&mut self.kills, task, k);
         }
     }
 

@@ -226,6 +226,19 @@ pub(crate) async fn list_pairs<T: DeserializeOwned>(
     Ok(out)
 }
 
+/// Stores `value` under `key`, or forgets `key` (deleted or unreadable):
+/// how the supervisor and agents keep their pictures of Kv current.
+pub(crate) fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(v) => {
+            map.insert(key, v);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+}
+
 /// A new task id: time-ordered, unique, and a valid key segment.
 pub(crate) fn new_task_id() -> String {
     let millis = SystemTime::now()

@@ -16,7 +16,9 @@
 
 use super::placement::{AgentView, Placer};
 use super::state::{step, TaskAction, TaskEvent, TaskRecord};
-use super::store::{self, AgentInfo, Assignment, KillOrder, Report, ReportEvent, StatusRecord};
+use super::store::{
+    self, set, AgentInfo, Assignment, KillOrder, Report, ReportEvent, StatusRecord,
+};
 use dprim::tasks::{Resources, TaskSpec, TaskState};
 use dprim::{
     Backend, Depth, ErrorKind, Key, KvExt, Precondition, Result, Txn, Value, Version, WatchEvent,
@@ -84,7 +86,7 @@ fn classify(key: &Key) -> Item {
 struct World {
     specs: BTreeMap<String, TaskSpec>,
     statuses: BTreeMap<String, (StatusRecord, Version)>,
-    reports: HashMap<(String, u32), Report>,
+    reports: BTreeMap<(String, u32), Report>,
     kill_requests: BTreeMap<String, KillOrder>,
     agents: BTreeMap<String, AgentInfo>,
     /// The newest version applied per key: a listing and the watch that
@@ -121,38 +123,28 @@ impl World {
         }
         match item {
             Item::Spec(task) => {
-                match decoded(key, value) {
-                    Some(spec) => self.specs.insert(task.clone(), spec),
-                    None => self.specs.remove(&task),
-                };
+                set(&mut self.specs, task.clone(), decoded(key, value));
                 self.dirty.insert(task);
             }
             Item::Status(task) => {
-                match decoded(key, value) {
-                    Some(rec) => self.statuses.insert(task.clone(), (rec, version)),
-                    None => self.statuses.remove(&task),
-                };
+                let rec = decoded(key, value).map(|rec| (rec, version));
+                set(&mut self.statuses, task.clone(), rec);
                 self.dirty.insert(task);
             }
             Item::Report(task, launch) => {
-                match decoded(key, value) {
-                    Some(report) => self.reports.insert((task.clone(), launch), report),
-                    None => self.reports.remove(&(task.clone(), launch)),
-                };
+                set(
+                    &mut self.reports,
+                    (task.clone(), launch),
+                    decoded(key, value),
+                );
                 self.dirty.insert(task);
             }
             Item::KillRequest(task) => {
-                match decoded(key, value) {
-                    Some(order) => self.kill_requests.insert(task.clone(), order),
-                    None => self.kill_requests.remove(&task),
-                };
+                set(&mut self.kill_requests, task.clone(), decoded(key, value));
                 self.dirty.insert(task);
             }
             Item::Agent(agent) => {
-                match decoded(key, value) {
-                    Some(info) => self.agents.insert(agent.clone(), info),
-                    None => self.agents.remove(&agent),
-                };
+                set(&mut self.agents, agent.clone(), decoded(key, value));
                 // Its tasks may be lost or back; waiting tasks may fit now.
                 for (id, (s, _)) in &self.statuses {
                     let on_agent = s.record.agent.as_deref() == Some(agent.as_str());
