@@ -121,7 +121,15 @@ restart_member() { # z1 | z2 | z3
         return 1
     fi
     launch "$name"
-    wait_ready "${i}2181"
+    if ! wait_ready "${i}2181"; then
+        # Seen once on a loaded machine: the restarted member never served.
+        # Show why, then start it once more before giving up.
+        tail -n 20 "$DIR/$name.log" >&2 || true
+        kill "$(cat "$DIR/$name.pid")" 2>/dev/null || true
+        sleep 1
+        launch "$name"
+        wait_ready "${i}2181"
+    fi
 }
 
 stop() {
