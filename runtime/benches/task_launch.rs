@@ -92,19 +92,16 @@ async fn main() {
     for _ in 0..sequential {
         let t = Instant::now();
         let id = client.launch(noop.clone()).await.unwrap();
-        loop {
-            let s = updates.next().await.unwrap().unwrap();
-            if s.id == id && matches!(s.state, TaskState::Running | TaskState::Finished) {
-                break;
-            }
-        }
+        let mut pending = HashSet::from([id]);
+        wait_until_ran(&client, &mut updates, &mut pending).await;
         latencies.push(t.elapsed());
     }
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
 
     // Rate: launch a batch from LAUNCHERS concurrent callers and wait until
-    // every task ran (the watch buffers the updates meanwhile).
+    // every task ran (the watch buffers the updates meanwhile, or, if it
+    // falls too far behind, says Resync).
     let batch = std::env::var("DPRIM_BENCH_BATCH")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -120,12 +117,7 @@ async fn main() {
         .collect()
         .await;
     let mut pending: HashSet<TaskId> = launched.into_iter().collect();
-    while !pending.is_empty() {
-        let s = updates.next().await.unwrap().unwrap();
-        if matches!(s.state, TaskState::Running | TaskState::Finished) {
-            pending.remove(&s.id);
-        }
-    }
+    wait_until_ran(&client, &mut updates, &mut pending).await;
     let rate = batch as f64 / t.elapsed().as_secs_f64();
     println!(
         "backend {}, {AGENTS} agents, no-op task: launch -> RUNNING p50 {:.1} ms, p99 {:.1} ms over {sequential} launches; {rate:.0} launches/s over a batch of {batch} from {LAUNCHERS} callers",
@@ -138,4 +130,39 @@ async fn main() {
         let _ = h.await;
     }
     let _ = std::fs::remove_dir_all(work);
+}
+
+fn ran(state: TaskState) -> bool {
+    matches!(state, TaskState::Running | TaskState::Finished)
+}
+
+/// Follows the status watch until every task in `pending` ran. A watch
+/// that had to resync (it fell behind what the backend keeps) is opened
+/// again and what it may have missed is asked task by task, as an app
+/// would reconcile.
+async fn wait_until_ran(
+    client: &TasksClient,
+    updates: &mut futures::stream::BoxStream<'static, dprim::Result<dprim::tasks::TaskStatus>>,
+    pending: &mut HashSet<TaskId>,
+) {
+    while !pending.is_empty() {
+        match updates.next().await {
+            Some(Ok(s)) => {
+                if ran(s.state) {
+                    pending.remove(&s.id);
+                }
+            }
+            Some(Err(e)) if e.kind() == dprim::ErrorKind::Resync => {
+                *updates = client.watch().await.unwrap();
+                let mut still = HashSet::new();
+                for id in pending.drain() {
+                    if !ran(client.status(&id).await.unwrap().state) {
+                        still.insert(id);
+                    }
+                }
+                *pending = still;
+            }
+            other => panic!("status watch: {other:?}"),
+        }
+    }
 }
