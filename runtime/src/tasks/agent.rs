@@ -551,7 +551,8 @@ impl Runner {
                         l.pid = Some(process.pid());
                         l.start_time = process.start_time();
                     }
-                    self.watch(task.clone(), launch, *process);
+                    let process = process.in_group(&self.enforcement);
+                    self.watch(task.clone(), launch, process);
                     // The supervisor may have marked it UNREACHABLE meanwhile.
                     self.report(&task, launch, ReportEvent::Started);
                 }

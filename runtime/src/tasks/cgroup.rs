@@ -290,6 +290,24 @@ impl Cgroups {
         }
     }
 
+    /// The group `name` as [`Cgroups::create`] made it, without touching
+    /// it: for a task taken back after an agent restart.
+    pub fn existing(&self, name: &str) -> TaskCgroup {
+        match &self.hierarchy {
+            Hierarchy::V2 { base, .. } => TaskCgroup {
+                dirs: vec![base.join(name)],
+                v2: true,
+            },
+            Hierarchy::V1 { memory, cpu } => TaskCgroup {
+                dirs: std::iter::once(memory)
+                    .chain(cpu)
+                    .map(|d| d.join(name))
+                    .collect(),
+                v2: false,
+            },
+        }
+    }
+
     /// Makes the group `name` (a key segment: `<task>-<launch>`) with the
     /// limits of `resources` (0 memory or 0 CPUs: no limit of that kind).
     pub fn create(&self, name: &str, resources: &Resources) -> Result<TaskCgroup> {

@@ -426,8 +426,7 @@ impl TaskProcess {
                 start_time: start_time.or_else(|| start_time_of(pid)),
                 sandbox: sandbox.to_path_buf(),
                 sent_sigkill: false,
-                // A taken-back task's group (if any) is left in place: an
-                // empty directory once the task is gone.
+                // Set by the agent (`in_group`) if it uses control groups.
                 cgroup: None,
             }))
         } else {
@@ -471,6 +470,15 @@ impl TaskProcess {
         }
     }
 
+    /// A taken-back task's control group (made by the agent that started
+    /// it), removed once the task has ended.
+    pub fn in_group(mut self, enforcement: &Enforcement) -> TaskProcess {
+        if let Enforcement::Cgroup { cgroups } = enforcement {
+            self.cgroup = Some(cgroups.existing(&cgroup_name(&self.sandbox)));
+        }
+        self
+    }
+
     /// Waits for the process to end; returns its exit code.
     ///
     /// # Behavior
@@ -480,6 +488,9 @@ impl TaskProcess {
         let Some(child) = self.child.as_mut() else {
             while self.running() {
                 tokio::time::sleep(ADOPTED_POLL).await;
+            }
+            if let Some(group) = self.cgroup.take() {
+                group.remove();
             }
             return Ok(self.adopted_exit());
         };
@@ -662,12 +673,23 @@ mod tests {
         over.resources.mem_bytes = 32 << 20;
         let mut p = TaskProcess::spawn(&over, &dir, &enforcement).unwrap();
         assert_eq!(p.wait().await.unwrap(), 128 + 9, "stopped by the kernel");
-        // Both groups are gone with their tasks.
+        // Taken back by a restarted agent (not its child any more): its
+        // group goes when it ends, too.
+        let dir = root.join("t3").join("1");
+        let p = TaskProcess::spawn(&spec("sleep", &["30"]), &dir, &enforcement).unwrap();
+        let (pid, start_time) = (p.pid(), p.start_time());
+        drop(p);
+        let Adoption::Running(adopted) = TaskProcess::adopt(pid, start_time, &dir) else {
+            panic!("the task is still running");
+        };
+        let mut adopted = adopted.in_group(&enforcement);
+        adopted.kill(Duration::from_secs(5)).await.unwrap();
+        // Every group is gone with its task.
         let base = match cgroups.hierarchy() {
             super::super::cgroup::Hierarchy::V2 { base, .. } => base.clone(),
             super::super::cgroup::Hierarchy::V1 { memory, .. } => memory.clone(),
         };
-        for name in ["t1-1", "t2-1"] {
+        for name in ["t1-1", "t2-1", "t3-1"] {
             assert!(!base.join(name).exists(), "group {name} left behind");
         }
         let _ = std::fs::remove_dir(&base);
