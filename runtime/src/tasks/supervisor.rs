@@ -171,11 +171,13 @@ impl World {
         true
     }
 
-    /// Marks every task a timer may be due for: not yet terminal, waiting
-    /// for a relaunch, or launched without a record.
+    /// Marks every task a timer may be due for: waiting for placement, for
+    /// its gone timeout or for a relaunch, or launched without a record.
+    /// (Starting and running tasks change only on events.)
     fn mark_timed(&mut self) {
         for (id, (s, _)) in &self.statuses {
-            if !s.record.state.is_terminal() || s.relaunch_at.is_some() {
+            let waiting = matches!(s.record.state, TaskState::Staging | TaskState::Unreachable);
+            if waiting || s.relaunch_at.is_some() {
                 self.dirty.insert(id.clone());
             }
         }
@@ -723,27 +725,9 @@ impl Supervisor {
             .put(status_key, store::encode(&w.rec)?);
         let mut written = BTreeSet::new();
         for action in &w.actions {
-            match action {
-                TaskAction::Assign { agent } => {
-                    let key = store::assign_key(agent, &w.id)?;
-                    let assignment = Assignment {
-                        spec: w.spec.clone(),
-                        launch: w.rec.record.launches,
-                        term,
-                    };
-                    written.insert(key.clone());
-                    txn = txn.put(key, store::encode(&assignment)?);
-                }
-                TaskAction::Kill { agent, grace } if !agent.is_empty() => {
-                    let key = store::kill_key(agent, &w.id)?;
-                    let order = KillOrder {
-                        grace_ms: grace.as_millis() as u64,
-                        term,
-                    };
-                    written.insert(key.clone());
-                    txn = txn.put(key, store::encode(&order)?);
-                }
-                _ => {}
+            if let Some((key, value)) = order(&w.id, &w.spec, &w.rec, action, term)? {
+                written.insert(key.clone());
+                txn = txn.put(key, value);
             }
         }
         if w.rec.record.state.is_terminal() {
@@ -785,31 +769,41 @@ impl Supervisor {
         action: TaskAction,
         term: u64,
     ) -> Result<()> {
-        let b = &self.backend;
-        match action {
-            TaskAction::Assign { agent } => {
-                let assignment = Assignment {
-                    spec: spec.clone(),
-                    launch: rec.record.launches,
-                    term,
-                };
-                store::put(b, &store::assign_key(&agent, id)?, &assignment).await?;
-            }
-            TaskAction::Kill { agent, grace } => {
-                if !agent.is_empty() {
-                    let order = KillOrder {
-                        grace_ms: grace.as_millis() as u64,
-                        term,
-                    };
-                    store::put(b, &store::kill_key(&agent, id)?, &order).await?;
-                }
-            }
-            // Relaunches are scheduled in the record itself (`relaunch_at`),
-            // written before any action; publishing is the record write.
-            TaskAction::Relaunch { .. } | TaskAction::PublishStatus => {}
+        if let Some((key, value)) = order(id, spec, rec, &action, term)? {
+            self.backend.kv().put(&key, value).await?;
         }
         Ok(())
     }
+}
+
+/// The order an action sends to an agent (its key and value), if any.
+fn order(
+    id: &str,
+    spec: &TaskSpec,
+    rec: &StatusRecord,
+    action: &TaskAction,
+    term: u64,
+) -> Result<Option<(Key, Value)>> {
+    Ok(match action {
+        TaskAction::Assign { agent } => {
+            let assignment = Assignment {
+                spec: spec.clone(),
+                launch: rec.record.launches,
+                term,
+            };
+            Some((store::assign_key(agent, id)?, store::encode(&assignment)?))
+        }
+        TaskAction::Kill { agent, grace } if !agent.is_empty() => {
+            let order = KillOrder {
+                grace_ms: grace.as_millis() as u64,
+                term,
+            };
+            Some((store::kill_key(agent, id)?, store::encode(&order)?))
+        }
+        // Relaunches are scheduled in the record itself (`relaunch_at`),
+        // written before any action; publishing is the record write.
+        _ => None,
+    })
 }
 
 fn add(total: &mut Resources, r: &Resources) {
