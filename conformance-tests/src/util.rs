@@ -74,7 +74,8 @@ pub(crate) fn key(s: &str) -> Result<Key, Fail> {
 
 /// A value from bytes.
 pub(crate) fn val(bytes: impl Into<Vec<u8>>) -> Result<Value, Fail> {
-    Value::new(bytes).map_err(|e| Fail::Failed(format!("the suite built an invalid value: {e}")))
+    Value::new(bytes.into())
+        .map_err(|e| Fail::Failed(format!("the suite built an invalid value: {e}")))
 }
 
 /// Expects `result` to fail with one of `kinds`; returns the error.

@@ -53,6 +53,10 @@ impl Capabilities {
                 "pubsub.subscriber_buffer",
                 self.pubsub.subscriber_buffer.to_string(),
             ),
+            (
+                "pubsub.subscriber_buffer_bytes",
+                self.pubsub.subscriber_buffer_bytes.to_string(),
+            ),
             ("queue.fifo", self.queue.fifo.to_string()),
             ("queue.dead_letter", self.queue.dead_letter.to_string()),
         ]
@@ -118,12 +122,26 @@ impl LockCapabilities {
 pub struct PubSubCapabilities {
     /// Messages a subscriber may fall behind before it gets `Lagged`.
     pub subscriber_buffer: usize,
+    /// Payload bytes a subscriber may hold unread before it gets `Lagged`,
+    /// whichever of the two limits is reached first.
+    pub subscriber_buffer_bytes: usize,
 }
 
 impl PubSubCapabilities {
-    /// Assembles PubSub capabilities.
+    /// Assembles PubSub capabilities for a buffer bounded by message count
+    /// alone (its byte bound is then `subscriber_buffer` values of the
+    /// largest size).
     pub fn new(subscriber_buffer: usize) -> Self {
-        PubSubCapabilities { subscriber_buffer }
+        PubSubCapabilities {
+            subscriber_buffer,
+            subscriber_buffer_bytes: subscriber_buffer.saturating_mul(crate::MAX_VALUE_BYTES),
+        }
+    }
+
+    /// Bounds the buffer by payload bytes as well.
+    pub fn with_buffer_bytes(mut self, subscriber_buffer_bytes: usize) -> Self {
+        self.subscriber_buffer_bytes = subscriber_buffer_bytes;
+        self
     }
 }
 

@@ -17,6 +17,7 @@
 //! naming the offending character.
 
 use crate::error::{Error, Result};
+use bytes::Bytes;
 use std::fmt;
 use std::sync::Arc;
 
@@ -210,9 +211,11 @@ impl TryFrom<&str> for Key {
 
 /// Bytes stored under a key or carried by a message: at most
 /// [`MAX_VALUE_BYTES`] (256 KiB), checked when the value is made, so an
-/// oversize value never reaches a backend.
+/// oversize value never reaches a backend. The bytes are a shared,
+/// reference-counted buffer: cloning a value, or handing a received payload
+/// to the app, copies nothing.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
-pub struct Value(Vec<u8>);
+pub struct Value(Bytes);
 
 impl Value {
     /// Wraps bytes, checking the size limit.
@@ -221,7 +224,7 @@ impl Value {
     /// Returns `InvalidArgument` naming the size and the limit when `bytes` is
     /// larger than 256 KiB. Any byte sequence up to the limit (including empty
     /// and non-UTF-8) is a valid value and round-trips unchanged.
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Value> {
+    pub fn new(bytes: impl Into<Bytes>) -> Result<Value> {
         let bytes = bytes.into();
         if bytes.len() > MAX_VALUE_BYTES {
             return Err(Error::invalid(format!(
@@ -235,7 +238,7 @@ impl Value {
 
     /// The empty value.
     pub fn empty() -> Value {
-        Value(Vec::new())
+        Value(Bytes::new())
     }
 
     /// The bytes.
@@ -243,8 +246,13 @@ impl Value {
         &self.0
     }
 
-    /// Takes the bytes out.
+    /// Takes the bytes out (copied only if the buffer is shared).
     pub fn into_bytes(self) -> Vec<u8> {
+        self.0.into()
+    }
+
+    /// The bytes as the shared buffer they are kept in, without a copy.
+    pub fn into_shared(self) -> Bytes {
         self.0
     }
 
@@ -283,7 +291,7 @@ impl TryFrom<Vec<u8>> for Value {
 impl TryFrom<&str> for Value {
     type Error = Error;
     fn try_from(v: &str) -> Result<Value> {
-        Value::new(v.as_bytes().to_vec())
+        Value::new(Bytes::copy_from_slice(v.as_bytes()))
     }
 }
 

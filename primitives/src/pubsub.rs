@@ -77,5 +77,7 @@ pub trait PubSub: Send + Sync {
     /// - Each subscriber has a bounded buffer (the `subscriber_buffer`
     ///   capability). When it overflows the subscriber gets `Lagged(n)` with the
     ///   number of messages it missed, never silent loss or unbounded memory.
+    /// - The buffer also holds at most `subscriber_buffer_bytes` of unread
+    ///   payload; a subscriber past that lags the same way.
     async fn subscribe(&self, topic: &Key) -> Result<Subscription>;
 }

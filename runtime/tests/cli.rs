@@ -228,6 +228,7 @@ fn check_prints_the_backend_and_every_capability() {
         "session.min_ttl",
         "lock.fair",
         "pubsub.subscriber_buffer",
+        "pubsub.subscriber_buffer_bytes",
         "queue.fifo",
         "queue.dead_letter",
         "note: the in-memory backend lives inside this dprim process",

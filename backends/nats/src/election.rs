@@ -6,7 +6,6 @@ use crate::line::{LeaveOnDrop, Line, Place};
 use crate::store::{owned, Record, TERM_HEADER};
 use crate::Nats;
 use async_trait::async_trait;
-use bytes::Bytes;
 use dprim::election::LeadershipControl;
 use dprim::{
     Elections, Error, ErrorKind, Key, Leader, Leadership, Result, Session, SessionId, Term, Value,
@@ -152,7 +151,7 @@ impl LeadershipControl for NatsLeadership {
         match nats
             .write(
                 &self.place.subject,
-                Bytes::from(value.into_bytes()),
+                value.into_shared(),
                 headers,
                 Some(expect),
             )

@@ -7,7 +7,6 @@
 use crate::store::{owned, Record, ROLLUP};
 use crate::{Nats, HISTORY};
 use async_trait::async_trait;
-use bytes::Bytes;
 use dprim::{
     Depth, Entry, Error, ErrorKind, Key, Kv, Listing, Precondition, PutOptions, Result, SessionId,
     Txn, TxnResult, Value, Version, WatchEvent, WatchStart, WatchStream, WatchTarget,
@@ -61,7 +60,7 @@ impl Kv for NatsKv {
             return Err(Error::invalid("cannot write the namespace root"));
         }
         let subject = self.nats.layout.kv_key(key);
-        let payload = Bytes::from(value.into_bytes());
+        let payload = value.into_shared();
         let session = options.session.map(|s| s.0);
         let nats = &self.nats;
         let write = |expect: Option<u64>| {

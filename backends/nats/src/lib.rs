@@ -46,8 +46,14 @@ use std::time::Duration;
 
 /// Shortest session TTL: per-message TTLs are whole seconds.
 pub const MIN_SESSION_TTL: Duration = Duration::from_secs(1);
-/// Messages a subscriber may fall behind before it gets `Lagged`.
-pub const SUBSCRIBER_BUFFER: usize = 1024;
+/// Messages a subscriber may fall behind before it gets `Lagged`. Core NATS
+/// delivers at well over a million small messages a second, so a buffer of a
+/// few milliseconds would make any scheduling hiccup of the reader a lag;
+/// this is the client's own per-subscription default.
+pub const SUBSCRIBER_BUFFER: usize = 64 * 1024;
+/// Payload bytes a subscriber may hold unread before it gets `Lagged`: what
+/// bounds its memory when messages are large.
+pub const SUBSCRIBER_BUFFER_BYTES: usize = 32 * 1024 * 1024;
 /// Revisions the bucket keeps per key: a watch can resume from this many
 /// past changes.
 pub const HISTORY: i64 = 256;
@@ -60,7 +66,7 @@ pub fn capabilities() -> Capabilities {
         KvCapabilities::new(false, false, HISTORY as usize),
         SessionCapabilities::new(MIN_SESSION_TTL),
         LockCapabilities::new(true),
-        PubSubCapabilities::new(SUBSCRIBER_BUFFER),
+        PubSubCapabilities::new(SUBSCRIBER_BUFFER).with_buffer_bytes(SUBSCRIBER_BUFFER_BYTES),
         QueueCapabilities::new(true, true),
     )
 }

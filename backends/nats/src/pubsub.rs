@@ -1,22 +1,26 @@
 //! PubSub on core NATS subjects: at-most-once, fan-out, per-publisher
 //! order, nothing stored. Each subscription drains its NATS subscriber into
-//! a bounded buffer of its own; when the reader falls behind, further
-//! messages are counted and surfaced as one `Lagged(n)` item.
+//! a buffer of its own, bounded by messages and by payload bytes; when the
+//! reader falls behind, further messages are counted and surfaced as one
+//! `Lagged(n)` item.
 
 use crate::error::map_error;
 use crate::Nats;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dprim::{Key, Message, PubSub, Result, Subscription, SubscriptionItem, Value};
-use futures::{FutureExt, StreamExt};
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Wake, Waker};
 
 pub(crate) struct NatsPubSub {
     nats: Nats,
-    /// Publishes made through this client.
+    /// Window units (see `unit_cost`) published through this client.
     published: AtomicU64,
     /// The round trip confirming the latest window of publishes.
     confirm: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -25,9 +29,22 @@ pub(crate) struct NatsPubSub {
     last_topic: Mutex<Option<(Key, async_nats::Subject)>>,
 }
 
-/// Publishes per window: a publisher never gets more than two windows
-/// ahead of what the server has taken (see `publish`).
-const WINDOW: u64 = 512;
+/// Window units per window: a publisher never gets more than two windows
+/// ahead of what the server has routed (see `publish`). A window is a
+/// quarter of a subscriber's buffer, in messages and in bytes, so that when
+/// a publisher that sent twice a buffer's worth returns, more than a
+/// buffer's worth has reached the subscribers, which then lag as they must.
+const WINDOW: u64 = (crate::SUBSCRIBER_BUFFER / 4) as u64;
+/// Payload bytes that cost one window unit more.
+const BYTES_PER_UNIT: u64 = (crate::SUBSCRIBER_BUFFER_BYTES / crate::SUBSCRIBER_BUFFER) as u64;
+
+/// What a publish costs of a window: one unit, plus one per
+/// `BYTES_PER_UNIT` of payload. A window then holds at most `WINDOW`
+/// messages and at most `WINDOW * BYTES_PER_UNIT` bytes (a quarter of the
+/// byte bound), plus the one message that closes it.
+fn unit_cost(payload_len: usize) -> u64 {
+    1 + payload_len as u64 / BYTES_PER_UNIT
+}
 
 impl NatsPubSub {
     pub(crate) fn new(nats: Nats) -> NatsPubSub {
@@ -71,9 +88,10 @@ impl Drop for NatsPubSub {
 impl PubSub for NatsPubSub {
     async fn publish(&self, topic: &Key, payload: Value) -> Result<()> {
         let subject = self.subject(topic);
+        let cost = unit_cost(payload.len());
         self.nats
             .client
-            .publish(subject, Bytes::from(payload.into_bytes()))
+            .publish(subject, payload.into_shared())
             .await
             .map_err(|e| map_error("publish", e))?;
         // Core NATS publish is at-most-once and the client writes it out
@@ -81,12 +99,12 @@ impl PubSub for NatsPubSub {
         // not run unboundedly ahead of the server either: a publisher that
         // outpaces delivery would otherwise leave its subscribers' buffers
         // unfilled (no `Lagged`) while thousands of messages sit in its own
-        // client. Every WINDOW publishes start a round trip on the
-        // connection (the server answers after it has routed every earlier
-        // publish, to subscribers on this connection too) and wait for the
-        // previous one, so at most two windows are unconfirmed.
-        let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % WINDOW == 0 {
+        // client. The publish that closes a window starts a round trip on
+        // the connection (the server answers after it has routed every
+        // earlier publish, to subscribers on this connection too) and waits
+        // for the previous one, so at most two windows are unconfirmed.
+        let before = self.published.fetch_add(cost, Ordering::Relaxed);
+        if (before + cost) / WINDOW != before / WINDOW {
             let client = self.nats.client.clone();
             let timeout = self.nats.request_timeout;
             let probe = client.new_inbox();
@@ -107,7 +125,7 @@ impl PubSub for NatsPubSub {
 
     async fn subscribe(&self, topic: &Key) -> Result<Subscription> {
         let subject = self.nats.layout.topic(topic);
-        let mut subscriber = self
+        let subscriber = self
             .nats
             .call("subscribe", self.nats.client.subscribe(subject))
             .await?;
@@ -130,65 +148,176 @@ impl PubSub for NatsPubSub {
                 ))
             }
         }
-        let buffer = Arc::new(Buffer::default());
-        let feed = buffer.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            loop {
-                let first = tokio::select! {
-                    _ = feed.closed.notified() => return,
-                    msg = subscriber.next() => msg,
+        let feed = Arc::new(Feed {
+            topic: topic.clone(),
+            state: Mutex::new(FeedState {
+                subscriber: Some(subscriber),
+                added: Totals::default(),
+                batch: Vec::with_capacity(BATCH),
+            }),
+            wanted: AtomicBool::new(false),
+            buffer: Buffer::default(),
+        });
+        // Registers the feed as the subscriber's waker (and takes anything
+        // that already arrived).
+        feed.drain();
+        Ok(Subscription::new(
+            Reader {
+                feed,
+                taken: VecDeque::new(),
+                read: Totals::default(),
+                told: Totals::default(),
+            }
+            .boxed(),
+        ))
+    }
+}
+
+/// Moves messages from the NATS subscriber into the subscription's bounded
+/// buffer. It is the subscriber's waker, so it runs inside the client's
+/// connection task, right when that task hands a message over: the client's
+/// own channel (which drops messages silently when full) never fills, and
+/// every message is either buffered or counted in a `Lagged`. A separate
+/// task would be a second hop, and one the scheduler can starve while the
+/// connection task keeps reading.
+struct Feed {
+    topic: Key,
+    state: Mutex<FeedState>,
+    /// Set by every wake-up; whoever holds `state` drains again until it is
+    /// clear, so a wake-up that finds the feed busy is not lost.
+    wanted: AtomicBool,
+    buffer: Buffer,
+}
+
+struct FeedState {
+    /// `None` once the subscription is dropped (which unsubscribes).
+    subscriber: Option<async_nats::Subscriber>,
+    /// Everything the feed has put in the buffer.
+    added: Totals,
+    /// Messages taken from the subscriber and not yet in the buffer (kept
+    /// here so that a drain, which usually finds one message, does not
+    /// allocate).
+    batch: Vec<async_nats::Message>,
+}
+
+/// Messages and payload bytes, counted since the subscription began.
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    messages: u64,
+    bytes: u64,
+}
+
+impl Wake for Feed {
+    fn wake(self: Arc<Self>) {
+        self.drain();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.drain();
+    }
+}
+
+impl Feed {
+    fn drain(self: &Arc<Self>) {
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            self.wanted.store(true, Ordering::SeqCst);
+            let Ok(mut guard) = self.state.try_lock() else {
+                // The holder sees `wanted` and drains again.
+                return;
+            };
+            let state = &mut *guard;
+            let mut ended = false;
+            while self.wanted.swap(false, Ordering::SeqCst) {
+                let Some(sub) = state.subscriber.as_mut() else {
+                    return;
                 };
-                let Some(m) = first else { return };
-                // Take what else has already arrived, so the buffer is
-                // locked and the reader woken once per batch.
-                batch.push(m);
-                while batch.len() < BATCH {
-                    match subscriber.next().now_or_never() {
-                        Some(Some(m)) => batch.push(m),
-                        _ => break,
+                // Unconstrained: this may run inside a task whose
+                // cooperative budget is spent, and a spent budget makes a
+                // poll return `Pending` after waking its waker (this feed)
+                // at once, which would spin here.
+                let mut next = tokio::task::unconstrained(futures::future::poll_fn(|cx| {
+                    sub.poll_next_unpin(cx)
+                }));
+                loop {
+                    match Pin::new(&mut next).poll(&mut cx) {
+                        Poll::Ready(Some(m)) => {
+                            state.batch.push(m);
+                            if state.batch.len() == BATCH {
+                                self.buffer.push(
+                                    &self.topic,
+                                    &mut state.added,
+                                    state.batch.drain(..),
+                                );
+                            }
+                        }
+                        Poll::Ready(None) => {
+                            ended = true;
+                            break;
+                        }
+                        Poll::Pending => break,
                     }
                 }
-                feed.push(&topic, batch.drain(..));
-                if feed.is_closed.load(Ordering::SeqCst) {
-                    return;
-                }
             }
-        });
-        let reader = Reader {
-            buffer,
-            taken: VecDeque::new(),
-        };
-        let items = futures::stream::unfold(reader, |mut reader| async move {
-            let item = reader.pop().await;
-            Some((Ok(item), reader))
-        });
-        Ok(Subscription::new(items.boxed()))
+            if !state.batch.is_empty() {
+                self.buffer
+                    .push(&self.topic, &mut state.added, state.batch.drain(..));
+            }
+            if ended {
+                self.buffer.ended.store(true, Ordering::SeqCst);
+                self.buffer.reader.wake();
+            }
+            drop(guard);
+            // A wake-up between the last check and the unlock found the
+            // feed busy and left it to us.
+            if !self.wanted.load(Ordering::SeqCst) {
+                return;
+            }
+        }
     }
 }
 
 /// Messages the feed hands over at once at most.
 const BATCH: usize = 256;
 
+/// Messages the reader hands out before it tells the buffer. The buffer
+/// counts up to this many read messages as unread, so a subscriber may get
+/// `Lagged` that many messages early.
+const READ_BATCH: u64 = 64;
+
 #[derive(Default)]
 struct Buffer {
     /// Items the reader has not taken yet.
     items: Mutex<VecDeque<SubscriptionItem>>,
-    /// Messages received and not yet read (here or in the reader's hands):
-    /// bounded by the subscriber buffer.
-    unread: AtomicUsize,
-    ready: Notify,
-    closed: Notify,
-    is_closed: AtomicBool,
+    /// What the reader has taken out (written by the reader only, every
+    /// `READ_BATCH` messages): with the feed's own `added`, what is unread
+    /// (here or in the reader's hands), which the subscriber buffer bounds.
+    read_messages: AtomicU64,
+    read_bytes: AtomicU64,
+    /// The reader, when it found nothing to read.
+    reader: AtomicWaker,
+    /// The client closed the subscription (the connection was closed).
+    ended: AtomicBool,
 }
 
 impl Buffer {
-    fn push(&self, topic: &Key, batch: impl Iterator<Item = async_nats::Message>) {
+    fn push(
+        &self,
+        topic: &Key,
+        added: &mut Totals,
+        batch: impl Iterator<Item = async_nats::Message>,
+    ) {
+        // The reader's totals only grow, so a stale read over-counts what
+        // is unread and the bound still holds.
+        let mut messages = added.messages - self.read_messages.load(Ordering::Acquire);
+        let mut bytes = added.bytes - self.read_bytes.load(Ordering::Acquire);
         let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
         for m in batch {
-            // Only this feed adds to `unread`, so the bound holds.
-            if self.unread.load(Ordering::Acquire) < crate::SUBSCRIBER_BUFFER {
+            let len = m.payload.len() as u64;
+            if messages < crate::SUBSCRIBER_BUFFER as u64
+                && bytes + len <= crate::SUBSCRIBER_BUFFER_BYTES as u64
+            {
                 let Ok(payload) = Value::new(m.payload) else {
                     continue;
                 };
@@ -196,7 +325,10 @@ impl Buffer {
                     topic: topic.clone(),
                     payload,
                 }));
-                self.unread.fetch_add(1, Ordering::AcqRel);
+                messages += 1;
+                bytes += len;
+                added.messages += 1;
+                added.bytes += len;
             } else if let Some(SubscriptionItem::Lagged(n)) = items.back_mut() {
                 *n += 1;
             } else {
@@ -204,43 +336,84 @@ impl Buffer {
             }
         }
         drop(items);
-        self.ready.notify_one();
+        self.reader.wake();
     }
 }
 
 /// The reading side: takes the buffer's items a batch at a time.
-/// Unsubscribes (stops the feeding task, dropping the NATS subscriber) when
-/// the subscription is dropped.
+/// Unsubscribes (drops the NATS subscriber) when the subscription is
+/// dropped.
 struct Reader {
-    buffer: Arc<Buffer>,
+    feed: Arc<Feed>,
     taken: VecDeque<SubscriptionItem>,
+    /// Messages handed out.
+    read: Totals,
+    /// What the buffer has been told of `read`.
+    told: Totals,
 }
 
 impl Reader {
-    async fn pop(&mut self) -> SubscriptionItem {
+    /// Tells the buffer about the messages read since the last time.
+    fn tell(&mut self) {
+        if self.read.messages != self.told.messages {
+            let buffer = &self.feed.buffer;
+            buffer.read_bytes.store(self.read.bytes, Ordering::Release);
+            buffer
+                .read_messages
+                .store(self.read.messages, Ordering::Release);
+            self.told = self.read;
+        }
+    }
+}
+
+impl Stream for Reader {
+    type Item = Result<SubscriptionItem>;
+
+    /// The next item; `None` once the client has closed the subscription
+    /// and everything before was read.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
         loop {
-            if let Some(item) = self.taken.pop_front() {
-                if matches!(item, SubscriptionItem::Message(_)) {
-                    self.buffer.unread.fetch_sub(1, Ordering::AcqRel);
+            if let Some(item) = this.taken.pop_front() {
+                if let SubscriptionItem::Message(m) = &item {
+                    this.read.messages += 1;
+                    this.read.bytes += m.payload.len() as u64;
+                    if this.read.messages - this.told.messages == READ_BATCH {
+                        this.tell();
+                    }
                 }
-                return item;
+                return Poll::Ready(Some(Ok(item)));
             }
-            let notified = self.buffer.ready.notified();
+            this.tell();
+            let buffer = &this.feed.buffer;
+            // Registered before looking, so a push after the look wakes us.
+            buffer.reader.register(cx.waker());
             {
-                let mut items = self.buffer.items.lock().unwrap_or_else(|p| p.into_inner());
+                let mut items = buffer.items.lock().unwrap_or_else(|p| p.into_inner());
                 if !items.is_empty() {
-                    std::mem::swap(&mut *items, &mut self.taken);
+                    std::mem::swap(&mut *items, &mut this.taken);
                     continue;
                 }
             }
-            notified.await;
+            if buffer.ended.load(Ordering::SeqCst) {
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
         }
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.buffer.is_closed.store(true, Ordering::SeqCst);
-        self.buffer.closed.notify_one();
+        // Dropping the subscriber unsubscribes; the client then drops its
+        // end of the channel, and with it the waker that refers to the feed.
+        let subscriber = self
+            .feed
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscriber
+            .take();
+        drop(subscriber);
     }
 }

@@ -470,7 +470,7 @@ impl Queue for NatsQueue {
                 "push",
                 self.nats
                     .js
-                    .publish(self.subject.clone(), Bytes::from(payload.into_bytes())),
+                    .publish(self.subject.clone(), payload.into_shared()),
             )
             .await?;
         Ok(MessageId(

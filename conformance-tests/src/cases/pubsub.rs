@@ -47,6 +47,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "When it overflows the subscriber gets `Lagged(n)` with the number of messages it missed, never silent loss or unbounded memory."
         ),
         case!(
+            "pubsub::slow_subscriber_lagged_by_bytes",
+            slow_subscriber_lagged_by_bytes,
+            [],
+            "The buffer also holds at most `subscriber_buffer_bytes` of unread payload; a subscriber past that lags the same way."
+        ),
+        case!(
             "pubsub::per_publisher_order",
             per_publisher_order,
             [],
@@ -249,13 +255,43 @@ async fn slow_subscriber_lagged(ctx: Ctx) -> CaseResult {
             "the backend declares pubsub.subscriber_buffer = {buffer}; overflowing it would take too long"
         )));
     }
+    lags_and_continues(&ctx, buffer as u64 * 2 + 50, 0).await
+}
+
+/// Payload size for overflowing a buffer by bytes: large enough that few
+/// messages fill it, small enough for every backend's message limit.
+const LARGE_PAYLOAD: usize = 64 * 1024;
+
+async fn slow_subscriber_lagged_by_bytes(ctx: Ctx) -> CaseResult {
+    let caps = &ctx.caps().pubsub;
+    let (buffer, bytes) = (caps.subscriber_buffer, caps.subscriber_buffer_bytes);
+    let to_fill = bytes / LARGE_PAYLOAD + 1;
+    if to_fill >= buffer {
+        return Err(Fail::Skipped(format!(
+            "the backend bounds its subscriber buffer by message count ({buffer} messages of {LARGE_PAYLOAD} bytes fit within pubsub.subscriber_buffer_bytes = {bytes})"
+        )));
+    }
+    if bytes > 256 * 1024 * 1024 {
+        return Err(Fail::Skipped(format!(
+            "the backend declares pubsub.subscriber_buffer_bytes = {bytes}; overflowing it would take too long"
+        )));
+    }
+    lags_and_continues(&ctx, to_fill as u64 * 2 + 10, LARGE_PAYLOAD).await
+}
+
+/// Publishes `total` numbered messages (padded to `size` bytes) to a
+/// subscriber that does not read, then reads: every message is either
+/// received, in order, or counted in a `Lagged`, at least one `Lagged`
+/// comes, and the subscription carries on.
+async fn lags_and_continues(ctx: &Ctx, total: u64, size: usize) -> CaseResult {
     let t = topic()?;
     let mut sub = ctx.backend.pubsub().subscribe(&t).await.ctx("subscribe")?;
-    let total = buffer as u64 * 2 + 50;
     for i in 0..total {
+        let mut payload = format!("{i}:").into_bytes();
+        payload.resize(payload.len().max(size), b'x');
         ctx.backend
             .pubsub()
-            .publish(&t, val(format!("{i}"))?)
+            .publish(&t, Value::new(payload).ctx("a payload")?)
             .await
             .ctx("publish")?;
     }
@@ -269,8 +305,14 @@ async fn slow_subscriber_lagged(ctx: Ctx) -> CaseResult {
                 let i: u64 = m
                     .payload
                     .as_str()
+                    .and_then(|s| s.split(':').next())
                     .and_then(|s| s.parse().ok())
                     .ctx("a message number")?;
+                ensure_eq!(
+                    m.payload.len(),
+                    size.max(format!("{i}:").len()),
+                    "payload size of message {i}"
+                );
                 if let Some(prev) = last {
                     ensure!(i > prev, "message {i} after {prev}");
                 }
@@ -295,7 +337,7 @@ async fn slow_subscriber_lagged(ctx: Ctx) -> CaseResult {
         total,
         "messages received plus reported missed"
     );
-    ensure!(!lags.is_empty(), "published {total} messages to a subscriber with a buffer of {buffer} without reading, yet it never lagged");
+    ensure!(!lags.is_empty(), "published {total} messages of {size} bytes to a subscriber without reading, past its declared buffer, yet it never lagged");
     // The subscription continues.
     ctx.backend
         .pubsub()
