@@ -149,7 +149,6 @@ impl PubSub for NatsPubSub {
             }
         }
         let feed = Arc::new(Feed {
-            topic: topic.clone(),
             state: Mutex::new(FeedState {
                 subscriber: Some(subscriber),
                 added: Totals::default(),
@@ -165,6 +164,7 @@ impl PubSub for NatsPubSub {
             Reader {
                 feed,
                 taken: VecDeque::new(),
+                topic: topic.clone(),
                 read: Totals::default(),
                 told: Totals::default(),
             }
@@ -181,7 +181,6 @@ impl PubSub for NatsPubSub {
 /// task would be a second hop, and one the scheduler can starve while the
 /// connection task keeps reading.
 struct Feed {
-    topic: Key,
     state: Mutex<FeedState>,
     /// Set by every wake-up; whoever holds `state` drains again until it is
     /// clear, so a wake-up that finds the feed busy is not lost.
@@ -245,11 +244,7 @@ impl Feed {
                         Poll::Ready(Some(m)) => {
                             state.batch.push(m);
                             if state.batch.len() == BATCH {
-                                self.buffer.push(
-                                    &self.topic,
-                                    &mut state.added,
-                                    state.batch.drain(..),
-                                );
+                                self.buffer.push(&mut state.added, state.batch.drain(..));
                             }
                         }
                         Poll::Ready(None) => {
@@ -261,8 +256,7 @@ impl Feed {
                 }
             }
             if !state.batch.is_empty() {
-                self.buffer
-                    .push(&self.topic, &mut state.added, state.batch.drain(..));
+                self.buffer.push(&mut state.added, state.batch.drain(..));
             }
             if ended {
                 self.buffer.ended.store(true, Ordering::SeqCst);
@@ -286,10 +280,18 @@ const BATCH: usize = 256;
 /// `Lagged` that many messages early.
 const READ_BATCH: u64 = 64;
 
+/// What the buffer holds: payloads only. The reader adds the topic, so the
+/// topic's shared key is cloned and dropped on the reader's side only
+/// instead of bouncing between the two threads with every message.
+enum Item {
+    Payload(Value),
+    Lagged(u64),
+}
+
 #[derive(Default)]
 struct Buffer {
     /// Items the reader has not taken yet.
-    items: Mutex<VecDeque<SubscriptionItem>>,
+    items: Mutex<VecDeque<Item>>,
     /// What the reader has taken out (written by the reader only, every
     /// `READ_BATCH` messages): with the feed's own `added`, what is unread
     /// (here or in the reader's hands), which the subscriber buffer bounds.
@@ -302,12 +304,7 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn push(
-        &self,
-        topic: &Key,
-        added: &mut Totals,
-        batch: impl Iterator<Item = async_nats::Message>,
-    ) {
+    fn push(&self, added: &mut Totals, batch: impl Iterator<Item = async_nats::Message>) {
         // The reader's totals only grow, so a stale read over-counts what
         // is unread and the bound still holds.
         let mut messages = added.messages - self.read_messages.load(Ordering::Acquire);
@@ -321,18 +318,15 @@ impl Buffer {
                 let Ok(payload) = Value::new(m.payload) else {
                     continue;
                 };
-                items.push_back(SubscriptionItem::Message(Message {
-                    topic: topic.clone(),
-                    payload,
-                }));
+                items.push_back(Item::Payload(payload));
                 messages += 1;
                 bytes += len;
                 added.messages += 1;
                 added.bytes += len;
-            } else if let Some(SubscriptionItem::Lagged(n)) = items.back_mut() {
+            } else if let Some(Item::Lagged(n)) = items.back_mut() {
                 *n += 1;
             } else {
-                items.push_back(SubscriptionItem::Lagged(1));
+                items.push_back(Item::Lagged(1));
             }
         }
         drop(items);
@@ -345,7 +339,8 @@ impl Buffer {
 /// dropped.
 struct Reader {
     feed: Arc<Feed>,
-    taken: VecDeque<SubscriptionItem>,
+    taken: VecDeque<Item>,
+    topic: Key,
     /// Messages handed out.
     read: Totals,
     /// What the buffer has been told of `read`.
@@ -374,15 +369,20 @@ impl Stream for Reader {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(item) = this.taken.pop_front() {
-                if let SubscriptionItem::Message(m) = &item {
+            match this.taken.pop_front() {
+                Some(Item::Payload(payload)) => {
                     this.read.messages += 1;
-                    this.read.bytes += m.payload.len() as u64;
+                    this.read.bytes += payload.len() as u64;
                     if this.read.messages - this.told.messages == READ_BATCH {
                         this.tell();
                     }
+                    return Poll::Ready(Some(Ok(SubscriptionItem::Message(Message {
+                        topic: this.topic.clone(),
+                        payload,
+                    }))));
                 }
-                return Poll::Ready(Some(Ok(item)));
+                Some(Item::Lagged(n)) => return Poll::Ready(Some(Ok(SubscriptionItem::Lagged(n)))),
+                None => {}
             }
             this.tell();
             let buffer = &this.feed.buffer;
