@@ -142,14 +142,16 @@ Example:
 
 Each task runs as a child process in its own process group, with its working
 directory (sandbox) under --work-dir/<task>/<launch> holding its stdout and
-stderr files, which `dprim task logs` reads through the backend. Resource
-amounts are used for placement; they are not enforced on the process yet.
+stderr files, which `dprim task logs` reads through the backend. A task's
+memory and CPU are limited with a control group where the machine allows
+(else memory with an rlimit); the agent prints which at start.
 Ctrl-C kills the agent's tasks and leaves.
 
-The agent keeps a checkpoint in --work-dir/agent.json (its tasks and the
-reports not yet written to the backend). If it dies, starting it again with
-the same --work-dir takes back the tasks still running and reports those
-that ended meanwhile with their exit code; nothing is launched twice.")]
+The agent keeps a checkpoint in --work-dir/agent.checkpoint.{0,1} (its tasks
+and the reports not yet written to the backend; `dprim agents checkpoint`
+prints it). If it dies, starting it again with the same --work-dir takes
+back the tasks still running and reports those that ended meanwhile with
+their exit code; nothing is launched twice.")]
     Agent(AgentArgs),
     /// List the registered agents.
     Agents {
@@ -277,6 +279,14 @@ stops it earlier. With --output json each piece of output is one line:
 pub enum AgentsCommand {
     /// List the registered agents with their resources and attributes.
     Ls,
+    /// Print the checkpoint an agent keeps in its work dir, as JSON: the
+    /// launches it runs and the reports it has not delivered yet. Reads
+    /// the files only; the agent may be running or not.
+    Checkpoint {
+        /// The agent's --work-dir.
+        #[arg(long)]
+        work_dir: std::path::PathBuf,
+    },
 }
 
 /// `dprim agent`

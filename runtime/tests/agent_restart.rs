@@ -154,7 +154,7 @@ impl Cluster {
 
     /// The agent's checkpoint, as JSON.
     fn checkpoint(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.work.join("agent.json")).unwrap()).unwrap()
+        dprim_runtime::tasks::agent::read_checkpoint(&self.work).unwrap()
     }
 
     fn outbox_len(&self) -> usize {
@@ -296,7 +296,7 @@ async fn reports_made_while_the_backend_is_unreachable_arrive_later_in_order() {
     // It ran and ended, but neither report could be written: both wait in
     // the checkpoint, and the supervisor still thinks it is starting.
     until("both reports to be queued", || {
-        c.work.join("agent.json").exists() && c.outbox_len() == 2
+        dprim_runtime::tasks::agent::read_checkpoint(&c.work).is_ok() && c.outbox_len() == 2
     })
     .await;
     assert_eq!(
@@ -368,8 +368,11 @@ async fn an_unusable_work_dir_stops_the_agent_with_a_clear_error() {
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
     assert!(e.to_string().contains("belongs to agent `a1`"), "{e}");
 
-    let checkpoint = work.join("agent.json");
-    std::fs::write(&checkpoint, "{ not json").unwrap();
+    // Both slots damaged (a torn save spoils one only).
+    for slot in ["agent.checkpoint.0", "agent.checkpoint.1"] {
+        std::fs::write(work.join(slot), "{ not json").unwrap();
+    }
+    let checkpoint = work.join("agent.checkpoint.0");
     let e = Agent::new(backend.clone(), config("a1"))
         .run(async {})
         .await

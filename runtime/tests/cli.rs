@@ -491,3 +491,43 @@ fn demo_shows_a_crashed_agents_task_moving() {
     );
     assert!(text.contains("more than any agent"), "{text}");
 }
+
+#[test]
+fn agents_checkpoint_prints_what_an_agent_keeps() {
+    let work = temp_dir("agent-work");
+    let o = run(&["agents", "checkpoint", "--work-dir", work.to_str().unwrap()]);
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(err.contains("holds no agent checkpoint"), "{err}");
+
+    let mut agent = dprim()
+        .args([
+            "agent",
+            "--id",
+            "a1",
+            "--resources",
+            "cpus=1,mem=1GiB,disk=1GiB",
+        ])
+        .arg("--work-dir")
+        .arg(&work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !work.join("agent.checkpoint.1").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never saved its checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run(&["agents", "checkpoint", "--work-dir", work.to_str().unwrap()]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["agent"], "a1");
+    assert!(json["outbox"].is_array(), "{json}");
+    let _ = std::fs::remove_dir_all(work);
+}

@@ -4,7 +4,7 @@ use super::{ephemeral_hint, identity};
 use crate::cli::{AgentArgs, AgentsCommand, Ctx, RestartArg, SupervisorArgs, TaskCommand};
 use crate::exit::{Failure, OK};
 use crate::output::{hex, write_raw, Out, PrintError};
-use crate::tasks::agent::{Agent, AgentConfig};
+use crate::tasks::agent::{read_checkpoint, Agent, AgentConfig};
 use crate::tasks::client::TasksClient;
 use crate::tasks::logs::{LogStream, CHUNK_BYTES};
 use crate::tasks::placement::FirstFit;
@@ -329,6 +329,13 @@ pub(crate) async fn agents(ctx: &Ctx, command: AgentsCommand) -> Result<u8, Fail
                 let text = format!("{:<20} {}", e.key.name(), info);
                 ctx.out.emit(&text, info)?;
             }
+            Ok(OK)
+        }
+        AgentsCommand::Checkpoint { work_dir } => {
+            let state = read_checkpoint(&work_dir)?;
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|e| Error::unexpected(format!("printing the checkpoint: {e}")))?;
+            ctx.out.emit(&text, state)?;
             Ok(OK)
         }
     }

@@ -4,8 +4,9 @@
 //!
 //! # What survives the agent
 //!
-//! The agent keeps a checkpoint in `<work_dir>/agent.json` (the private
-//! `checkpoint` module), written atomically before it acts on a change:
+//! The agent keeps a checkpoint in `<work_dir>/agent.checkpoint.{0,1}`
+//! (the private `checkpoint` module), saved whole before it acts on a
+//! change:
 //! before a launch starts (so a crash mid-start is noticed), once it runs
 //! (with its process group and start time), and whenever a report is
 //! made. It holds
@@ -65,7 +66,7 @@ pub struct AgentConfig {
     /// Its attributes.
     pub attributes: BTreeMap<String, String>,
     /// Sandboxes go under `<work_dir>/<task>/<launch>`; the checkpoint is
-    /// `<work_dir>/agent.json`. An agent started again on the same work dir
+    /// `<work_dir>/agent.checkpoint.{0,1}`. An agent started again on the same work dir
     /// takes back the tasks still running there.
     pub work_dir: PathBuf,
     /// TTL of the agent's session.
@@ -238,6 +239,19 @@ fn decoded<T: serde::de::DeserializeOwned>(key: &Key, value: &dprim::Value) -> O
             None
         }
     }
+}
+
+/// The checkpoint an agent keeps in `work_dir` (the launches it runs and
+/// the reports it has not delivered yet), as JSON. Reads the files only,
+/// whether or not the agent runs.
+///
+/// # Behavior
+/// - A work dir with no checkpoint is `NotFound`; a checkpoint that cannot
+///   be read is `ConfigInvalid`, naming the file.
+pub fn read_checkpoint(work_dir: &std::path::Path) -> Result<serde_json::Value> {
+    let state = Checkpoint::read(work_dir)?;
+    serde_json::to_value(&state)
+        .map_err(|e| dprim::Error::unexpected(format!("encoding the agent checkpoint: {e}")))
 }
 
 /// One agent.
@@ -1095,8 +1109,7 @@ mod tests {
         r.report("t", 1, ReportEvent::Started);
         r.report("t", 1, ReportEvent::Exited { code: 3 });
         // Both are in the checkpoint before any write was tried.
-        let saved: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("agent.json")).unwrap()).unwrap();
+        let saved: serde_json::Value = read_checkpoint(&dir).unwrap();
         assert_eq!(saved["outbox"].as_array().unwrap().len(), 2);
         let first = r.checkpoint.state.outbox[0].clone();
 
@@ -1105,8 +1118,7 @@ mod tests {
         // Delivered reports leave the file with the next save.
         assert!(r.unsaved_deliveries);
         r.save();
-        let saved: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("agent.json")).unwrap()).unwrap();
+        let saved: serde_json::Value = read_checkpoint(&dir).unwrap();
         assert_eq!(saved["outbox"].as_array().unwrap().len(), 0);
         let mut seen = Vec::new();
         for _ in 0..2 {
