@@ -251,6 +251,85 @@ fn still_running(pgid: Pid, start_time: Option<u64>, sandbox: &Path) -> bool {
     }
 }
 
+/// The longest a kill waits for a task's start to pass the moments where
+/// SIGTERM would be lost (see [`term_would_be_lost`]).
+const START_SETTLE: Duration = Duration::from_millis(200);
+
+/// Waits, briefly, until a SIGTERM to the group of wrapper `leader` would
+/// reach the task's command.
+async fn until_term_reaches_the_command(leader: i32) {
+    let deadline = tokio::time::Instant::now() + START_SETTLE;
+    while term_would_be_lost(leader) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Whether the wrapper `leader` is at a moment of its start where SIGTERM
+/// would not reach the task's command:
+/// - it has not set its trap yet: the signal would end it before it starts
+///   the command, but it may set the trap between this look and the
+///   signal, and then swallow it (the trap lets it outlive the command
+///   and record its exit);
+/// - it has set the trap but not yet started the command (no child);
+/// - a child is between fork and exec: still the shell, still running the
+///   inherited trap.
+///
+/// Once the command runs it gets the signal. A leader that is gone (or a
+/// zombie) has nothing left to lose.
+fn term_would_be_lost(leader: i32) -> bool {
+    let Some(status) = proc_status(leader) else {
+        return false;
+    };
+    if status.zombie {
+        return false;
+    }
+    if !status.catches_term {
+        return true;
+    }
+    let Ok(children) = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children"))
+    else {
+        // No way to look (a kernel without the children file): send.
+        return false;
+    };
+    let mut children = children.split_whitespace().peekable();
+    if children.peek().is_none() {
+        // Nothing started yet, or the command has ended and the wrapper is
+        // recording its exit: either way a moment only.
+        return true;
+    }
+    let shell = std::fs::read_link(format!("/proc/{leader}/exe")).ok();
+    children.any(|pid| {
+        pid.parse()
+            .ok()
+            .and_then(proc_status)
+            .is_some_and(|s| s.catches_term)
+            && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == shell
+    })
+}
+
+/// What `term_would_be_lost` needs from `/proc/<pid>/status`.
+struct ProcStatus {
+    zombie: bool,
+    /// A handler for SIGTERM is installed (`SigCgt`, a hex mask with bit
+    /// N-1 for signal N).
+    catches_term: bool,
+}
+
+fn proc_status(pid: i32) -> Option<ProcStatus> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let caught = u64::from_str_radix(field("SigCgt:")?, 16).ok()?;
+    Some(ProcStatus {
+        zombie: field("State:").is_some_and(|s| s.starts_with('Z')),
+        catches_term: caught & (1 << (Signal::SIGTERM as i32 - 1)) != 0,
+    })
+}
+
 fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -518,6 +597,7 @@ impl TaskProcess {
         if self.child.is_none() && !self.running() {
             return self.wait().await;
         }
+        until_term_reaches_the_command(self.pgid.as_raw()).await;
         // ESRCH: already gone, which is what we want.
         let _ = killpg(self.pgid, Signal::SIGTERM);
         let ended = tokio::time::timeout(grace, self.wait()).await;
@@ -554,6 +634,28 @@ mod tests {
 
     fn sandbox(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("dprim-sandbox-{}-{name}", std::process::id()))
+    }
+
+    #[tokio::test]
+    async fn a_kill_right_after_the_start_ends_the_task_with_sigterm() {
+        // The agent listens for SIGTERM itself (to shut down gracefully).
+        let _listening =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        // Killed at every moment of its start: before the wrapper has set
+        // its traps, while it starts the command, once the command runs.
+        for i in 0..80 {
+            let dir = sandbox(&format!("early-kill-{i}"));
+            let mut p = TaskProcess::spawn_plain(&spec("sleep", &["30"]), &dir).unwrap();
+            let started = std::time::Instant::now();
+            std::thread::sleep(Duration::from_micros(25 * i));
+            let code = p.kill(Duration::from_secs(3)).await.unwrap();
+            assert_eq!(code, 128 + 15, "round {i}: ended by SIGTERM, not SIGKILL");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "round {i}: waited for the grace period"
+            );
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     #[tokio::test]
