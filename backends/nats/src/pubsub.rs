@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -151,12 +151,15 @@ impl PubSub for NatsPubSub {
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState {
                 subscriber: Some(subscriber),
+                waker: None,
                 added: Totals::default(),
                 batch: Vec::with_capacity(BATCH),
             }),
             wanted: AtomicBool::new(false),
             buffer: Buffer::default(),
         });
+        feed.state.lock().unwrap_or_else(|p| p.into_inner()).waker =
+            Some(Waker::from(feed.clone()));
         // Registers the feed as the subscriber's waker (and takes anything
         // that already arrived).
         feed.drain();
@@ -182,8 +185,8 @@ impl PubSub for NatsPubSub {
 /// connection task keeps reading.
 struct Feed {
     state: Mutex<FeedState>,
-    /// Set by every wake-up; whoever holds `state` drains again until it is
-    /// clear, so a wake-up that finds the feed busy is not lost.
+    /// Set by a wake-up that found `state` held: the holder drains again
+    /// after letting go, so that wake-up is not lost.
     wanted: AtomicBool,
     buffer: Buffer,
 }
@@ -191,6 +194,9 @@ struct Feed {
 struct FeedState {
     /// `None` once the subscription is dropped (which unsubscribes).
     subscriber: Option<async_nats::Subscriber>,
+    /// This feed as a waker, made once (`None` once the subscription is
+    /// dropped: the feed holding its own waker is a cycle until then).
+    waker: Option<Waker>,
     /// Everything the feed has put in the buffer.
     added: Totals,
     /// Messages taken from the subscriber and not yet in the buffer (kept
@@ -218,54 +224,67 @@ impl Wake for Feed {
 
 impl Feed {
     fn drain(self: &Arc<Self>) {
-        let waker = Waker::from(self.clone());
-        let mut cx = Context::from_waker(&waker);
         loop {
-            self.wanted.store(true, Ordering::SeqCst);
-            let Ok(mut guard) = self.state.try_lock() else {
-                // The holder sees `wanted` and drains again.
-                return;
-            };
-            let state = &mut *guard;
-            let mut ended = false;
-            while self.wanted.swap(false, Ordering::SeqCst) {
-                let Some(sub) = state.subscriber.as_mut() else {
-                    return;
-                };
-                // Unconstrained: this may run inside a task whose
-                // cooperative budget is spent, and a spent budget makes a
-                // poll return `Pending` after waking its waker (this feed)
-                // at once, which would spin here.
-                let mut next = tokio::task::unconstrained(futures::future::poll_fn(|cx| {
-                    sub.poll_next_unpin(cx)
-                }));
-                loop {
-                    match Pin::new(&mut next).poll(&mut cx) {
-                        Poll::Ready(Some(m)) => {
-                            state.batch.push(m);
-                            if state.batch.len() == BATCH {
-                                self.buffer.push(&mut state.added, state.batch.drain(..));
-                            }
-                        }
-                        Poll::Ready(None) => {
-                            ended = true;
-                            break;
-                        }
-                        Poll::Pending => break,
+            let mut guard = match self.state.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => {
+                    // Busy: ask the holder to drain again, then look once
+                    // more in case it let go before it could see the ask.
+                    self.wanted.store(true, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    match self.state.try_lock() {
+                        Ok(guard) => guard,
+                        Err(_) => return,
                     }
                 }
+            };
+            // Whatever was asked is done by the polling below.
+            if self.wanted.load(Ordering::Relaxed) {
+                self.wanted.store(false, Ordering::Relaxed);
             }
-            if !state.batch.is_empty() {
-                self.buffer.push(&mut state.added, state.batch.drain(..));
+            let FeedState {
+                subscriber,
+                waker,
+                added,
+                batch,
+            } = &mut *guard;
+            let (Some(sub), Some(waker)) = (subscriber.as_mut(), waker.as_ref()) else {
+                return;
+            };
+            let mut cx = Context::from_waker(waker);
+            // Unconstrained: this may run inside a task whose cooperative
+            // budget is spent, and a spent budget makes a poll return
+            // `Pending` after waking its waker (this feed) at once, which
+            // would spin here.
+            let mut next =
+                tokio::task::unconstrained(futures::future::poll_fn(|cx| sub.poll_next_unpin(cx)));
+            let mut ended = false;
+            loop {
+                match Pin::new(&mut next).poll(&mut cx) {
+                    Poll::Ready(Some(m)) => {
+                        batch.push(m);
+                        if batch.len() == BATCH {
+                            self.buffer.push(added, batch.drain(..));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.buffer.push(added, batch.drain(..));
             }
             if ended {
                 self.buffer.ended.store(true, Ordering::SeqCst);
+                self.buffer.reader_waiting.store(false, Ordering::Relaxed);
                 self.buffer.reader.wake();
             }
             drop(guard);
-            // A wake-up between the last check and the unlock found the
-            // feed busy and left it to us.
-            if !self.wanted.load(Ordering::SeqCst) {
+            fence(Ordering::SeqCst);
+            if !self.wanted.load(Ordering::Relaxed) {
                 return;
             }
         }
@@ -299,6 +318,10 @@ struct Buffer {
     read_bytes: AtomicU64,
     /// The reader, when it found nothing to read.
     reader: AtomicWaker,
+    /// The reader found nothing and waits to be woken. Both sides set or
+    /// read it around a look at `items` under its lock, so a push after the
+    /// reader's look sees it set.
+    reader_waiting: AtomicBool,
     /// The client closed the subscription (the connection was closed).
     ended: AtomicBool,
 }
@@ -330,7 +353,13 @@ impl Buffer {
             }
         }
         drop(items);
-        self.reader.wake();
+        // A plain read first: the reader is usually busy, and then the feed
+        // touches nothing the reader writes.
+        if self.reader_waiting.load(Ordering::Relaxed)
+            && self.reader_waiting.swap(false, Ordering::AcqRel)
+        {
+            self.reader.wake();
+        }
     }
 }
 
@@ -388,10 +417,13 @@ impl Stream for Reader {
             let buffer = &this.feed.buffer;
             // Registered before looking, so a push after the look wakes us.
             buffer.reader.register(cx.waker());
+            buffer.reader_waiting.store(true, Ordering::Relaxed);
             {
                 let mut items = buffer.items.lock().unwrap_or_else(|p| p.into_inner());
                 if !items.is_empty() {
                     std::mem::swap(&mut *items, &mut this.taken);
+                    drop(items);
+                    buffer.reader_waiting.store(false, Ordering::Relaxed);
                     continue;
                 }
             }
@@ -407,13 +439,11 @@ impl Drop for Reader {
     fn drop(&mut self) {
         // Dropping the subscriber unsubscribes; the client then drops its
         // end of the channel, and with it the waker that refers to the feed.
-        let subscriber = self
-            .feed
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .subscriber
-            .take();
+        let (subscriber, waker) = {
+            let mut state = self.feed.state.lock().unwrap_or_else(|p| p.into_inner());
+            (state.subscriber.take(), state.waker.take())
+        };
         drop(subscriber);
+        drop(waker);
     }
 }
