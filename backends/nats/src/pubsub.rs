@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::task::{Context, Poll, Wake, Waker};
 
 pub(crate) struct NatsPubSub {
@@ -227,14 +227,16 @@ impl Feed {
         loop {
             let mut guard = match self.state.try_lock() {
                 Ok(guard) => guard,
-                Err(_) => {
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
                     // Busy: ask the holder to drain again, then look once
                     // more in case it let go before it could see the ask.
                     self.wanted.store(true, Ordering::SeqCst);
                     fence(Ordering::SeqCst);
                     match self.state.try_lock() {
                         Ok(guard) => guard,
-                        Err(_) => return,
+                        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                        Err(TryLockError::WouldBlock) => return,
                     }
                 }
             };
