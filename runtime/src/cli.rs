@@ -153,7 +153,7 @@ prints it). If it dies, starting it again with the same --work-dir takes
 back the tasks still running and reports those that ended meanwhile with
 their exit code; nothing is launched twice.")]
     Agent(AgentArgs),
-    /// List the registered agents.
+    /// Look at agents: the registered ones, or one agent's checkpoint.
     Agents {
         /// The agents command.
         #[command(subcommand)]
