@@ -277,13 +277,10 @@ async fn until_term_reaches_the_command(leader: i32) {
 /// Once the command runs it gets the signal. A leader that is gone (or a
 /// zombie) has nothing left to lose.
 fn term_would_be_lost(leader: i32) -> bool {
-    let Some(status) = proc_status(leader) else {
-        return false;
-    };
-    if status.zombie {
+    if !is_same_process(leader, None) {
         return false;
     }
-    if !status.catches_term {
+    if !catches_term(leader) {
         return true;
     }
     let Ok(children) = std::fs::read_to_string(format!("/proc/{leader}/task/{leader}/children"))
@@ -299,35 +296,23 @@ fn term_would_be_lost(leader: i32) -> bool {
     }
     let shell = std::fs::read_link(format!("/proc/{leader}/exe")).ok();
     children.any(|pid| {
-        pid.parse()
-            .ok()
-            .and_then(proc_status)
-            .is_some_and(|s| s.catches_term)
+        pid.parse().is_ok_and(catches_term)
             && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == shell
     })
 }
 
-/// What `term_would_be_lost` needs from `/proc/<pid>/status`.
-struct ProcStatus {
-    zombie: bool,
-    /// A handler for SIGTERM is installed (`SigCgt`, a hex mask with bit
-    /// N-1 for signal N).
-    catches_term: bool,
-}
-
-fn proc_status(pid: i32) -> Option<ProcStatus> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    let caught = u64::from_str_radix(field("SigCgt:")?, 16).ok()?;
-    Some(ProcStatus {
-        zombie: field("State:").is_some_and(|s| s.starts_with('Z')),
-        catches_term: caught & (1 << (Signal::SIGTERM as i32 - 1)) != 0,
-    })
+/// Whether process `pid` has a handler for SIGTERM (`SigCgt` in
+/// `/proc/<pid>/status`, a hex mask with bit N-1 for signal N).
+fn catches_term(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (Signal::SIGTERM as i32 - 1)) != 0)
 }
 
 fn is_executable(path: &Path) -> bool {

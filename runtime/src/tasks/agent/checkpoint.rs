@@ -209,6 +209,37 @@ fn read_slots(dir: &Path) -> Result<Option<(u64, State)>> {
     }
 }
 
+/// A checkpoint as found in a work dir.
+struct Found {
+    state: State,
+    /// The generation of the save it comes from (0 for the older layout).
+    generation: u64,
+    /// It comes from `agent.json`, the older layout.
+    legacy: bool,
+}
+
+/// The newest whole save in `dir`, else a checkpoint of the older layout;
+/// `Ok(None)` if there is neither.
+fn load(dir: &Path) -> Result<Option<Found>> {
+    if let Some((generation, state)) = read_slots(dir)? {
+        return Ok(Some(Found {
+            state,
+            generation,
+            legacy: false,
+        }));
+    }
+    let path = dir.join(LEGACY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(Found {
+            state: serde_json::from_slice(&bytes).map_err(|e| unreadable(&path, e))?,
+            generation: 0,
+            legacy: true,
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unreadable(&path, e)),
+    }
+}
+
 /// Writes `bytes` to `path` whole: temporary file, flush, rename, flush of
 /// the directory.
 fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -248,22 +279,11 @@ impl Checkpoint {
                 format!("cannot create the work dir {}: {e}", work_dir.display()),
             )
         })?;
-        let (generation, state, legacy) = match read_slots(work_dir)? {
-            Some((generation, state)) => (generation, Some(state), false),
-            None => {
-                let path = work_dir.join(LEGACY_FILE);
-                match std::fs::read(&path) {
-                    Ok(bytes) => {
-                        let state: State =
-                            serde_json::from_slice(&bytes).map_err(|e| unreadable(&path, e))?;
-                        (0, Some(state), true)
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, None, false),
-                    Err(e) => return Err(unreadable(&path, e)),
-                }
-            }
-        };
-        let state = match state {
+        let found = load(work_dir)?;
+        let (generation, legacy) = found
+            .as_ref()
+            .map_or((0, false), |f| (f.generation, f.legacy));
+        let state = match found.map(|f| f.state) {
             Some(state) => {
                 let path = work_dir.join(if legacy {
                     LEGACY_FILE
@@ -333,13 +353,8 @@ impl Checkpoint {
     /// The state last saved in `work_dir`, without taking the work dir
     /// over (for reading a checkpoint from outside the agent).
     pub(crate) fn read(work_dir: &Path) -> Result<State> {
-        if let Some((_, state)) = read_slots(work_dir)? {
-            return Ok(state);
-        }
-        let path = work_dir.join(LEGACY_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| unreadable(&path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::new(
+        load(work_dir)?.map(|found| found.state).ok_or_else(|| {
+            Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "{} holds no agent checkpoint ({} or {}); is it an agent's --work-dir?",
@@ -347,9 +362,8 @@ impl Checkpoint {
                     SLOTS[0],
                     SLOTS[1]
                 ),
-            )),
-            Err(e) => Err(unreadable(&path, e)),
-        }
+            )
+        })
     }
 
     /// Saves the state into the slot after the newest one (see the module
