@@ -10,6 +10,8 @@
 //! the agent as separate `dprim` processes, the agent killed with SIGKILL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use async_trait::async_trait;
 use dprim::election::Leadership;
 use dprim::tasks::{Resources, TaskSpec, TaskState, TaskStatus};
@@ -22,8 +24,6 @@ use dprim::{
 use dprim_memory::MemoryServer;
 use dprim_runtime::tasks::agent::{Agent, AgentConfig};
 use dprim_runtime::tasks::client::TasksClient;
-use dprim_runtime::tasks::placement::FirstFit;
-use dprim_runtime::tasks::supervisor::{Supervisor, SupervisorConfig};
 use futures::stream::BoxStream;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -35,15 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 fn shell(script: &str) -> TaskSpec {
-    TaskSpec {
-        command: "sh".into(),
-        args: vec!["-c".into(), script.into()],
-        resources: Resources {
-            cpus: 0.5,
-            ..Resources::default()
-        },
-        ..TaskSpec::default()
-    }
+    support::shell(script, 0.5)
 }
 
 /// A supervisor, one agent that can be crashed and started again, a client.
@@ -66,18 +58,9 @@ impl Cluster {
             std::env::temp_dir().join(format!("dprim-agent-restart-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         let (stop, _) = watch::channel(false);
-        let supervisor = Supervisor::new(
-            backend.clone(),
-            SupervisorConfig {
-                name: "s1".into(),
-                session_ttl: Duration::from_secs(2),
-                // Long: these tests are about the agent coming back.
-                gone_timeout: Duration::from_secs(60),
-                interval: Duration::from_millis(30),
-                placer: Arc::new(FirstFit),
-            },
-        );
-        let supervisor = tokio::spawn(supervisor.run(Self::stopped(&stop)));
+        // Long: these tests are about the agent coming back.
+        let supervisor = support::supervisor(&backend, Duration::from_secs(60));
+        let supervisor = tokio::spawn(supervisor.run(support::stopped(&stop)));
         Cluster {
             client: TasksClient::new(backend.clone()),
             backend,
@@ -89,33 +72,14 @@ impl Cluster {
         }
     }
 
-    fn stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> {
-        let mut rx = stop.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    }
-
     fn config(&self) -> AgentConfig {
-        AgentConfig {
-            id: "a1".into(),
-            resources: Resources {
-                cpus: 4.0,
-                mem_bytes: 1 << 30,
-                disk_bytes: 1 << 30,
-                ports: vec![],
-            },
-            attributes: Default::default(),
-            work_dir: self.work.clone(),
-            session_ttl: self.agent_ttl,
-            interval: Duration::from_millis(30),
-        }
+        support::agent_config(self.work.clone(), self.agent_ttl, Default::default())
     }
 
     /// Starts the agent on `backend` (the cluster's, or a wrapper of it).
     fn start_agent_on(&mut self, backend: Backend) {
         let agent = Agent::new(backend, self.config());
-        self.agent = Some(tokio::spawn(agent.run(Self::stopped(&self.stop))));
+        self.agent = Some(tokio::spawn(agent.run(support::stopped(&self.stop))));
     }
 
     fn start_agent(&mut self) {
@@ -130,17 +94,7 @@ impl Cluster {
     }
 
     async fn wait_for(&self, id: &TaskId, want: TaskState) -> TaskStatus {
-        for _ in 0..400 {
-            let s = self.client.status(id).await.unwrap();
-            if s.state == want {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "task {id} never reached {want:?}: {:?}",
-            self.client.status(id).await
-        );
+        support::wait_for(&self.client, id, want).await
     }
 
     fn sandbox(&self, id: &TaskId) -> PathBuf {

@@ -10,13 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn dprim() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dprim"));
-    cmd.env_remove("DPRIM_CONFIG")
-        .env_remove("DPRIM_LOG")
-        .stdin(Stdio::null());
-    cmd
-}
+mod support;
+
+use support::{code, dprim};
 
 fn run(args: &[&str]) -> Output {
     dprim().args(args).output().expect("dprim runs")
@@ -30,19 +26,8 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally, not by a signal")
-}
-
-/// A fresh directory under the system temp dir.
 fn temp_dir(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let dir = std::env::temp_dir().join(format!("dprim-cli-{}-{nanos}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::temp_dir("cli", name)
 }
 
 fn write_config(name: &str, text: &str) -> PathBuf {

@@ -6,41 +6,27 @@
 //! it after starting the servers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use dprim::tasks::{Constraint, Resources, RestartPolicy, TaskSpec, TaskState, TaskStatus};
 use dprim::{Backend, BackendConfig, ErrorKind, Key, PutOptions, TaskId, Tasks, Value};
 use dprim_memory::MemoryServer;
-use dprim_runtime::tasks::agent::{Agent, AgentConfig};
+use dprim_runtime::tasks::agent::Agent;
 use dprim_runtime::tasks::client::TasksClient;
 use dprim_runtime::tasks::logs::{LogStream, CHUNK_BYTES};
-use dprim_runtime::tasks::placement::FirstFit;
-use dprim_runtime::tasks::supervisor::{Supervisor, SupervisorConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+use support::{code, dprim};
+
 fn sh(script: &str) -> TaskSpec {
-    TaskSpec {
-        command: "sh".into(),
-        args: vec!["-c".into(), script.into()],
-        resources: Resources {
-            cpus: 0.1,
-            ..Resources::default()
-        },
-        ..TaskSpec::default()
-    }
+    support::shell(script, 0.1)
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("dprim-logs-{}-{nanos}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::temp_dir("logs", name)
 }
 
 /// A supervisor and agent `a1` on a fresh in-memory backend, in this
@@ -57,39 +43,19 @@ impl Local {
         let backend = MemoryServer::new()
             .connect(&BackendConfig::memory())
             .unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let supervisor = Supervisor::new(
-            backend.clone(),
-            SupervisorConfig {
-                name: "s1".into(),
-                session_ttl: Duration::from_secs(2),
-                gone_timeout: Duration::from_secs(2),
-                interval: Duration::from_millis(30),
-                placer: Arc::new(FirstFit),
-            },
-        );
-        tokio::spawn(supervisor.run(stopped(stop_rx.clone())));
+        let (stop, _) = watch::channel(false);
+        let supervisor = support::supervisor(&backend, Duration::from_secs(2));
+        tokio::spawn(supervisor.run(support::stopped(&stop)));
         let work = temp_dir(name);
         let agent = Agent::new(
             backend.clone(),
-            AgentConfig {
-                id: "a1".into(),
-                resources: Resources {
-                    cpus: 4.0,
-                    mem_bytes: 1 << 30,
-                    disk_bytes: 1 << 30,
-                    ports: vec![],
-                },
-                attributes: [("zone".to_string(), "z1".to_string())].into(),
-                work_dir: work.clone(),
-                session_ttl: Duration::from_secs(2),
-                interval: Duration::from_millis(30),
-            },
+            support::agent_config(
+                work.clone(),
+                Duration::from_secs(2),
+                [("zone".to_string(), "z1".to_string())].into(),
+            ),
         );
-        tokio::spawn(agent.run(stopped(stop_rx)));
+        tokio::spawn(agent.run(support::stopped(&stop)));
         Local {
             client: TasksClient::new(backend.clone()),
             backend,
@@ -99,17 +65,7 @@ impl Local {
     }
 
     async fn wait_for(&self, id: &TaskId, want: TaskState) -> TaskStatus {
-        for _ in 0..400 {
-            let s = self.client.status(id).await.unwrap();
-            if s.state == want {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "task {id} never reached {want:?}: {:?}",
-            self.client.status(id).await
-        );
+        support::wait_for(&self.client, id, want).await
     }
 
     async fn output(&self, id: &TaskId, stream: LogStream, launch: Option<u32>) -> Vec<u8> {
@@ -322,20 +278,8 @@ async fn an_agent_answers_only_for_launches_it_has() {
 
 // ---- the command line ----
 
-fn dprim() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dprim"));
-    cmd.env_remove("DPRIM_CONFIG")
-        .env_remove("DPRIM_LOG")
-        .stdin(Stdio::null());
-    cmd
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally, not by a signal")
 }
 
 #[test]

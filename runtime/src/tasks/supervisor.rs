@@ -835,6 +835,18 @@ mod tests {
         )
     }
 
+    /// A fresh backend with agent `a1` registered and one no-op task
+    /// launched (not yet placed).
+    async fn one_task_one_agent() -> (Backend, crate::tasks::client::TasksClient, dprim::TaskId) {
+        let backend = MemoryServer::new()
+            .connect(&BackendConfig::memory())
+            .unwrap();
+        register_agent(&backend, "a1").await;
+        let client = crate::tasks::client::TasksClient::new(backend.clone());
+        let id = client.launch(noop()).await.unwrap();
+        (backend, client, id)
+    }
+
     async fn register_agent(backend: &Backend, id: &str) {
         let info = AgentInfo {
             id: id.into(),
@@ -865,12 +877,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_leader_sends_the_assignment_its_predecessor_did_not() {
-        let backend = MemoryServer::new()
-            .connect(&BackendConfig::memory())
-            .unwrap();
-        register_agent(&backend, "a1").await;
-        let client = crate::tasks::client::TasksClient::new(backend.clone());
-        let id = client.launch(noop()).await.unwrap();
+        let (backend, _, id) = one_task_one_agent().await;
         supervisor(&backend).reconcile(1).await.unwrap();
         let assign = store::assign_key("a1", &id.0).unwrap();
         let (first, _) = store::get::<Assignment>(&backend, &assign)
@@ -891,12 +898,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_launch_that_ended_while_its_agent_was_unreachable_keeps_its_exit_code() {
-        let backend = MemoryServer::new()
-            .connect(&BackendConfig::memory())
-            .unwrap();
-        register_agent(&backend, "a1").await;
-        let client = crate::tasks::client::TasksClient::new(backend.clone());
-        let id = client.launch(noop()).await.unwrap();
+        let (backend, client, id) = one_task_one_agent().await;
         let sup = supervisor(&backend);
         let report = |seq: u64, event: ReportEvent| Report {
             agent: "a1".into(),
@@ -942,12 +944,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pass_after_its_own_writes_has_nothing_to_do() {
-        let backend = MemoryServer::new()
-            .connect(&BackendConfig::memory())
-            .unwrap();
-        register_agent(&backend, "a1").await;
-        let client = crate::tasks::client::TasksClient::new(backend.clone());
-        client.launch(noop()).await.unwrap();
+        let (backend, _, _) = one_task_one_agent().await;
         let sup = supervisor(&backend);
         let (mut world, since) = sup.load().await.unwrap();
         let mut changes = sup.watch(since).await.unwrap();
