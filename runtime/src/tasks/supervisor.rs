@@ -94,6 +94,12 @@ struct World {
     seen: HashMap<Key, Version>,
     /// Tasks the next pass looks at.
     dirty: BTreeSet<String>,
+    /// Tasks not yet done for good: a spec without a record, or a record
+    /// that is not terminal or has a relaunch due. Whatever a pass does
+    /// for every task (resources in use, timers, an agent coming or going)
+    /// looks only at these, so a pass costs what is live, not every task
+    /// ever launched.
+    live: BTreeSet<String>,
     /// Orders whose record was written but which could not be sent; the
     /// next pass sends them if the record still calls for them.
     unsent: BTreeMap<String, Vec<TaskAction>>,
@@ -124,11 +130,13 @@ impl World {
         match item {
             Item::Spec(task) => {
                 set(&mut self.specs, task.clone(), decoded(key, value));
+                self.refresh_live(&task);
                 self.dirty.insert(task);
             }
             Item::Status(task) => {
                 let rec = decoded(key, value).map(|rec| (rec, version));
                 set(&mut self.statuses, task.clone(), rec);
+                self.refresh_live(&task);
                 self.dirty.insert(task);
             }
             Item::Report(task, launch) => {
@@ -146,7 +154,10 @@ impl World {
             Item::Agent(agent) => {
                 set(&mut self.agents, agent.clone(), decoded(key, value));
                 // Its tasks may be lost or back; waiting tasks may fit now.
-                for (id, (s, _)) in &self.statuses {
+                for id in &self.live {
+                    let Some((s, _)) = self.statuses.get(id) else {
+                        continue;
+                    };
                     let on_agent = s.record.agent.as_deref() == Some(agent.as_str());
                     if on_agent || s.record.state == TaskState::Staging {
                         self.dirty.insert(id.clone());
@@ -175,33 +186,67 @@ impl World {
     /// its gone timeout or for a relaunch, or launched without a record.
     /// (Starting and running tasks change only on events.)
     fn mark_timed(&mut self) {
-        for (id, (s, _)) in &self.statuses {
-            let waiting = matches!(s.record.state, TaskState::Staging | TaskState::Unreachable);
-            if waiting || s.relaunch_at.is_some() {
-                self.dirty.insert(id.clone());
-            }
-        }
-        for id in self.specs.keys() {
-            if !self.statuses.contains_key(id) {
+        for id in &self.live {
+            let due = match self.statuses.get(id) {
+                None => true,
+                Some((s, _)) => {
+                    matches!(s.record.state, TaskState::Staging | TaskState::Unreachable)
+                        || s.relaunch_at.is_some()
+                }
+            };
+            if due {
                 self.dirty.insert(id.clone());
             }
         }
     }
 
-    /// What placed tasks use on each agent.
-    fn used(&self) -> BTreeMap<String, Resources> {
-        let mut used: BTreeMap<String, Resources> = BTreeMap::new();
-        for (id, (s, _)) in &self.statuses {
+    /// Sets a task's record as the picture holds it.
+    fn set_status(&mut self, id: String, rec: StatusRecord, version: Version) {
+        self.statuses.insert(id.clone(), (rec, version));
+        self.refresh_live(&id);
+    }
+
+    /// Keeps `live` in step after a task's spec or record changed.
+    fn refresh_live(&mut self, id: &str) {
+        let live = self.specs.contains_key(id)
+            && self
+                .statuses
+                .get(id)
+                .is_none_or(|(s, _)| !s.record.state.is_terminal() || s.relaunch_at.is_some());
+        if live {
+            if !self.live.contains(id) {
+                self.live.insert(id.to_string());
+            }
+        } else {
+            self.live.remove(id);
+        }
+    }
+
+    /// Every agent as placement sees it, with what its placed tasks use.
+    fn agent_views(&self) -> Vec<AgentView> {
+        let mut used: BTreeMap<&str, Resources> = BTreeMap::new();
+        for id in &self.live {
+            let (Some((s, _)), Some(spec)) = (self.statuses.get(id), self.specs.get(id)) else {
+                continue;
+            };
             if matches!(
                 s.record.state,
                 TaskState::Starting | TaskState::Running | TaskState::Unreachable
             ) {
-                if let (Some(agent), Some(spec)) = (&s.record.agent, self.specs.get(id)) {
-                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+                if let Some(agent) = &s.record.agent {
+                    add(used.entry(agent.as_str()).or_default(), &spec.resources);
                 }
             }
         }
-        used
+        self.agents
+            .values()
+            .map(|a| AgentView {
+                id: a.id.clone(),
+                total: a.resources.clone(),
+                used: used.remove(a.id.as_str()).unwrap_or_default(),
+                attributes: a.attributes.clone(),
+            })
+            .collect()
     }
 }
 
@@ -467,10 +512,10 @@ impl Supervisor {
 
         let dirty = std::mem::take(&mut world.dirty);
         let now = SystemTime::now();
-        let mut used = world.used();
+        let mut agents = world.agent_views();
         let mut writes = Vec::new();
         for id in dirty {
-            if let Some(w) = self.decide(world, &id, &mut used, term, now)? {
+            if let Some(w) = self.decide(world, &id, &mut agents, term, now)? {
                 writes.push(w);
             }
         }
@@ -490,7 +535,7 @@ impl Supervisor {
                     let key = store::status_key(&id)?;
                     if world.seen.get(&key).is_none_or(|v| *v < version) {
                         world.seen.insert(key, version);
-                        world.statuses.insert(id.clone(), (*rec, version));
+                        world.set_status(id.clone(), *rec, version);
                     }
                     if !unsent.is_empty() {
                         world.unsent.insert(id, unsent);
@@ -514,7 +559,7 @@ impl Supervisor {
         &self,
         world: &World,
         id: &str,
-        used: &mut BTreeMap<String, Resources>,
+        agents: &mut [AgentView],
         term: u64,
         now: SystemTime,
     ) -> Result<Option<Write>> {
@@ -620,19 +665,11 @@ impl Supervisor {
             }
         }
         if rec.record.state == TaskState::Staging && rec.relaunch_at.is_none() {
-            let views: Vec<AgentView> = world
-                .agents
-                .values()
-                .map(|a| AgentView {
-                    id: a.id.clone(),
-                    total: a.resources.clone(),
-                    used: used.get(&a.id).cloned().unwrap_or_default(),
-                    attributes: a.attributes.clone(),
-                })
-                .collect();
-            match self.config.placer.place(spec, &views) {
+            match self.config.placer.place(spec, agents) {
                 Ok(agent) => {
-                    add(used.entry(agent.clone()).or_default(), &spec.resources);
+                    if let Some(view) = agents.iter_mut().find(|a| a.id == agent) {
+                        add(&mut view.used, &spec.resources);
+                    }
                     fire(&mut rec, TaskEvent::Placed { agent });
                 }
                 Err(reason) => fire(&mut rec, TaskEvent::Pending { reason }),
@@ -940,6 +977,48 @@ mod tests {
             (TaskState::Failed, Some(4)),
             "{status:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_finished_task_leaves_what_every_pass_looks_at() {
+        let (backend, client, done) = one_task_one_agent().await;
+        let running = client.launch(noop()).await.unwrap();
+        let sup = supervisor(&backend);
+        sup.reconcile(1).await.unwrap();
+        let report = Report {
+            agent: "a1".into(),
+            launch: 1,
+            seq: 1,
+            event: ReportEvent::Exited { code: 0 },
+        };
+        store::put(&backend, &store::report_key(&done.0, 1).unwrap(), &report)
+            .await
+            .unwrap();
+        sup.reconcile(1).await.unwrap();
+        assert_eq!(
+            client.status(&done).await.unwrap().state,
+            TaskState::Finished
+        );
+
+        let (mut world, _) = sup.load().await.unwrap();
+        assert_eq!(world.live, BTreeSet::from([running.0.clone()]));
+        let views = world.agent_views();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].used.cpus, 1.0, "only the placed task uses a cpu");
+        world.dirty.clear();
+        world.mark_timed();
+        assert!(world.dirty.is_empty(), "a starting task waits on no timer");
+        // An agent coming back looks at its live tasks only.
+        register_agent(&backend, "a1").await;
+        let (agent, version) = backend
+            .kv()
+            .get(&store::agent_key("a1").unwrap())
+            .await
+            .unwrap()
+            .map(|e| (e.value, e.version))
+            .unwrap();
+        world.apply(&store::agent_key("a1").unwrap(), Some(&agent), version);
+        assert_eq!(world.dirty, BTreeSet::from([running.0]));
     }
 
     #[tokio::test]
