@@ -67,6 +67,16 @@ pub trait TaskCluster: Send + Sync {
     /// the cluster leads (this one, or an earlier one it now stands by for).
     async fn start_supervisor(&mut self, name: &str) -> Result<()>;
 
+    /// Starts a supervisor as [`TaskCluster::start_supervisor`] does, but
+    /// one that forgets tasks done for good after `task_retention` instead
+    /// of the cluster's usual retention (long enough that no other case
+    /// sees a task forgotten).
+    async fn start_supervisor_retaining(
+        &mut self,
+        name: &str,
+        task_retention: Duration,
+    ) -> Result<()>;
+
     /// The name of the supervisor that leads now, if any.
     async fn leader(&self) -> Result<Option<String>>;
 

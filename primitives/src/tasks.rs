@@ -192,6 +192,12 @@ pub trait Tasks: Send + Sync {
     /// A killed task ends KILLED once its process is gone.
     async fn kill(&self, id: &TaskId, grace: Duration) -> Result<()>;
     /// The latest status; `NotFound` for an unknown id.
+    ///
+    /// # Behavior
+    /// A task done for good (FINISHED, FAILED, KILLED, GONE or DROPPED, with
+    /// no relaunch due) is forgotten once the supervisor's task retention has
+    /// passed: `status` is then `NotFound`, and reconciliation reports it
+    /// UNKNOWN.
     async fn status(&self, id: &TaskId) -> Result<TaskStatus>;
     /// Every status update from now on (at-least-once).
     async fn watch(&self) -> Result<BoxStream<'static, Result<TaskStatus>>>;

@@ -53,6 +53,7 @@ async fn main() {
             gone_timeout: Duration::from_secs(30),
             interval: Duration::from_millis(100),
             placer: Arc::new(FirstFit),
+            task_retention: dprim_runtime::tasks::supervisor::DEFAULT_TASK_RETENTION,
         },
     );
     let mut handles = vec![tokio::spawn(sup.run(stopped(stop_rx.clone())))];

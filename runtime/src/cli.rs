@@ -330,6 +330,11 @@ pub struct SupervisorArgs {
     /// How long a task stays UNREACHABLE before it is declared GONE.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
     pub gone_timeout: Duration,
+    /// How long a task that is done for good (FINISHED, FAILED, KILLED,
+    /// GONE or DROPPED, no relaunch due) keeps its records; then they are
+    /// deleted and `dprim task status` no longer knows it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub task_retention: Duration,
     /// TTL of the supervisor's session (default: the config's session_ttl).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub ttl: Option<Duration>,

@@ -75,6 +75,7 @@ async fn a_supervisor_never_overwrites_a_later_terms_record() {
         gone_timeout: Duration::from_secs(2),
         interval: Duration::from_millis(30),
         placer: Arc::new(FirstFit),
+        task_retention: dprim_runtime::tasks::supervisor::DEFAULT_TASK_RETENTION,
     };
     let client = TasksClient::new(backend.clone());
     let id = client.launch(spec("true", &[], 0.5)).await.unwrap();

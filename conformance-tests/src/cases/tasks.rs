@@ -11,7 +11,7 @@ use dprim::tasks::{Constraint, Resources, RestartPolicy, TaskSpec, TaskState, Ta
 use dprim::{ErrorKind, TaskId, Tasks};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub(crate) fn cases() -> Vec<Case> {
     vec![
@@ -75,6 +75,12 @@ pub(crate) fn cases() -> Vec<Case> {
             [Requirement::TaskCluster],
             "Implicit reconciliation returns every task, page by page; explicit reconciliation answers in the order asked, UNKNOWN for an id nobody knows."
         ),
+        case!(
+            "tasks::done_task_forgotten_after_retention",
+            done_task_forgotten_after_retention,
+            [Requirement::TaskCluster],
+            "A task done for good (FINISHED, FAILED, KILLED, GONE or DROPPED, with no relaunch due) is forgotten once the supervisor's task retention has passed: `status` is then `NotFound`, and reconciliation reports it UNKNOWN."
+        ),
     ]
 }
 
@@ -85,6 +91,9 @@ const TASK_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a case polls a task's status.
 const POLL: Duration = Duration::from_millis(20);
+
+/// The task retention of the supervisor in the case about forgetting.
+const SHORT_RETENTION: Duration = Duration::from_secs(2);
 
 /// The harness's task cluster with the helpers the cases share.
 struct Cluster {
@@ -657,6 +666,91 @@ async fn reconcile_returns_every_task(ctx: Ctx) -> CaseResult {
         ensure!(
             explicit.next.is_none(),
             "explicit reconciliation has a next page"
+        );
+        Ok(())
+    }
+    .await;
+    c.finish(result).await
+}
+
+async fn done_task_forgotten_after_retention(ctx: Ctx) -> CaseResult {
+    let mut c = Cluster::start(&ctx).await?;
+    let result = async {
+        c.inner
+            .start_supervisor_retaining("s1", SHORT_RETENTION)
+            .await
+            .ctx("start supervisor s1")?;
+        c.agent("a1", 2.0, "z1").await?;
+        let done = c.launch(shell("exit 3", 0.5)).await?;
+        let running = c.launch(shell("exec sleep 60", 0.5)).await?;
+        let ended = c.wait_state(&done, TaskState::Failed).await?;
+        c.wait_state(&running, TaskState::Running).await?;
+
+        let deadline = Instant::now() + SHORT_RETENTION + TASK_WAIT;
+        loop {
+            match c.tasks.status(&done).await {
+                Err(e) if e.kind() == ErrorKind::NotFound => break,
+                Ok(s) => ensure_eq!(s.state, TaskState::Failed, "state of task {done}"),
+                Err(e) => fail!("status of task {done}: {e}"),
+            }
+            if Instant::now() >= deadline {
+                fail!(
+                    "task {done} ended at {:?} and is still known after a retention of {SHORT_RETENTION:?}",
+                    ended.updated
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let known_for = SystemTime::now()
+            .duration_since(ended.updated)
+            .unwrap_or_default();
+        ensure!(
+            known_for >= SHORT_RETENTION,
+            "task {done} was forgotten {known_for:?} after it ended, before the retention of {SHORT_RETENTION:?}"
+        );
+
+        let explicit = c
+            .tasks
+            .reconcile(Some(vec![done.clone(), running.clone()]), None)
+            .await
+            .ctx("explicit reconciliation")?;
+        let answered: Vec<(TaskId, TaskState)> = explicit
+            .statuses
+            .iter()
+            .map(|s| (s.id.clone(), s.state))
+            .collect();
+        ensure_eq!(
+            answered,
+            vec![
+                (done.clone(), TaskState::Unknown),
+                (running.clone(), TaskState::Running),
+            ],
+            "explicit reconciliation"
+        );
+        let mut seen = BTreeSet::new();
+        let mut page = None;
+        loop {
+            let answer = c
+                .tasks
+                .reconcile(None, page.clone())
+                .await
+                .ctx("implicit reconciliation")?;
+            seen.extend(answer.statuses.into_iter().map(|s| s.id));
+            match answer.next {
+                Some(next) => page = Some(next),
+                None => break,
+            }
+        }
+        ensure_eq!(
+            seen,
+            BTreeSet::from([running.clone()]),
+            "tasks implicit reconciliation returns"
+        );
+        // A task still running is never forgotten, however old.
+        ensure_eq!(
+            c.status(&running).await?.state,
+            TaskState::Running,
+            "state of the running task {running}"
         );
         Ok(())
     }

@@ -58,6 +58,7 @@ pub(crate) async fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8, Failure> {
             gone_timeout: Duration::from_secs(2),
             interval: Duration::from_millis(50),
             placer: Arc::new(FirstFit),
+            task_retention: crate::tasks::supervisor::DEFAULT_TASK_RETENTION,
         },
     );
     let supervisor = tokio::spawn(supervisor.run(stopped(stop_rx.clone())));

@@ -382,6 +382,7 @@ pub(crate) async fn supervisor(ctx: &Ctx, args: SupervisorArgs) -> Result<u8, Fa
             gone_timeout: args.gone_timeout,
             interval: interval(),
             placer: Arc::new(FirstFit),
+            task_retention: args.task_retention,
         },
     );
     crate::output::note(&format!("supervisor {name} campaigning (Ctrl-C to stop)"));

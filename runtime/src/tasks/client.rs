@@ -59,7 +59,7 @@ impl TasksClient {
 
 fn unknown(id: &TaskId) -> Error {
     Error::not_found(format!(
-        "no task `{id}`; `dprim task ls` lists the known tasks"
+        "no task `{id}`: never launched, or done for good longer than the supervisor's task retention ago (`dprim supervisor --task-retention`, 1h by default); `dprim task ls` lists the known tasks"
     ))
 }
 

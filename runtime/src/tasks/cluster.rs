@@ -23,7 +23,7 @@ use super::agent::{Agent, AgentConfig};
 use super::client::TasksClient;
 use super::placement::FirstFit;
 use super::store;
-use super::supervisor::{Supervisor, SupervisorConfig};
+use super::supervisor::{Supervisor, SupervisorConfig, DEFAULT_TASK_RETENTION};
 use async_trait::async_trait;
 use dprim::{Backend, Config, Error, ErrorKind, Result, TaskId, Tasks};
 use dprim_conformance::{AgentSpec, Launch, TaskCluster, TaskClusters};
@@ -350,6 +350,15 @@ impl TaskCluster for Cluster {
     }
 
     async fn start_supervisor(&mut self, name: &str) -> Result<()> {
+        self.start_supervisor_retaining(name, DEFAULT_TASK_RETENTION)
+            .await
+    }
+
+    async fn start_supervisor_retaining(
+        &mut self,
+        name: &str,
+        task_retention: Duration,
+    ) -> Result<()> {
         match &mut self.members {
             Members::InProcess { supervisors, .. } => {
                 let supervisor = Supervisor::new(
@@ -360,6 +369,7 @@ impl TaskCluster for Cluster {
                         gone_timeout: GONE_TIMEOUT,
                         interval: INTERVAL,
                         placer: Arc::new(FirstFit),
+                        task_retention,
                     },
                 );
                 let logs = log_to_file(&self.dir, name)?;
@@ -382,6 +392,8 @@ impl TaskCluster for Cluster {
                     .arg(humantime::format_duration(self.session_ttl).to_string())
                     .arg("--gone-timeout")
                     .arg(humantime::format_duration(GONE_TIMEOUT).to_string())
+                    .arg("--task-retention")
+                    .arg(humantime::format_duration(task_retention).to_string())
                     .spawn()
                     .map_err(|e| spawn_error(exe, e))?;
                 supervisors.insert(name.to_string(), child);

@@ -33,6 +33,14 @@ use std::time::{Duration, SystemTime};
 /// flight.
 const WRITES_IN_FLIGHT: usize = 64;
 
+/// How many tasks past their retention one pass forgets, so a backlog
+/// (a new leader finding a day of finished tasks) is cleared over several
+/// passes instead of holding one up.
+const FORGET_PER_PASS: usize = 256;
+
+/// How long a task done for good keeps its records by default.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(3600);
+
 /// Supervisor settings.
 #[derive(Clone)]
 pub struct SupervisorConfig {
@@ -45,6 +53,11 @@ pub struct SupervisorConfig {
     /// How often the leader looks at the tasks waiting on a timer (gone
     /// timeouts, relaunch backoff, pending placement) when nothing wakes it.
     pub interval: Duration,
+    /// How long a task done for good (FINISHED, FAILED, KILLED, GONE or
+    /// DROPPED with no relaunch due) keeps its records; then the leader
+    /// deletes them and the task is unknown. Without this every task ever
+    /// launched would stay in the backend and in the leader's memory.
+    pub task_retention: Duration,
     /// Chooses agents for tasks.
     pub placer: Arc<dyn Placer>,
 }
@@ -100,6 +113,15 @@ struct World {
     /// looks only at these, so a pass costs what is live, not every task
     /// ever launched.
     live: BTreeSet<String>,
+    /// Tasks done for good, by when they ended: the next to forget first.
+    ended: BTreeSet<(SystemTime, String)>,
+    /// When each task in `ended` ended (to find its entry there).
+    ended_at: HashMap<String, SystemTime>,
+    /// The newest revision the leader's listings read at. A delete newer
+    /// than this cannot be followed by an older change of the same key
+    /// (the watch is past the listings' overlap), so the key's entry in
+    /// `seen` can go with it.
+    listed_up_to: Option<Version>,
     /// Orders whose record was written but which could not be sent; the
     /// next pass sends them if the record still calls for them.
     unsent: BTreeMap<String, Vec<TaskAction>>,
@@ -116,7 +138,11 @@ impl World {
         if self.seen.get(key).is_some_and(|v| *v >= version) {
             return;
         }
-        self.seen.insert(key.clone(), version);
+        if value.is_none() && self.listed_up_to.is_none_or(|l| version > l) {
+            self.seen.remove(key);
+        } else {
+            self.seen.insert(key.clone(), version);
+        }
         fn decoded<T: serde::de::DeserializeOwned>(key: &Key, value: Option<&Value>) -> Option<T> {
             let value = value?;
             match store::decode(key, value) {
@@ -206,19 +232,74 @@ impl World {
         self.refresh_live(&id);
     }
 
-    /// Keeps `live` in step after a task's spec or record changed.
+    /// Keeps `live` and `ended` in step after a task's spec or record
+    /// changed.
     fn refresh_live(&mut self, id: &str) {
-        let live = self.specs.contains_key(id)
-            && self
-                .statuses
-                .get(id)
-                .is_none_or(|(s, _)| !s.record.state.is_terminal() || s.relaunch_at.is_some());
+        let ended = self
+            .statuses
+            .get(id)
+            .filter(|(s, _)| s.record.state.is_terminal() && s.relaunch_at.is_none())
+            .map(|(s, _)| s.record.updated);
+        let live = ended.is_none() && self.specs.contains_key(id);
         if live {
             if !self.live.contains(id) {
                 self.live.insert(id.to_string());
             }
         } else {
             self.live.remove(id);
+        }
+        if self.ended_at.get(id).copied() != ended {
+            if let Some(at) = self.ended_at.remove(id) {
+                self.ended.remove(&(at, id.to_string()));
+            }
+            if let Some(at) = ended {
+                self.ended_at.insert(id.to_string(), at);
+                self.ended.insert((at, id.to_string()));
+            }
+        }
+    }
+
+    /// Takes up to `limit` tasks that ended before `before`, with the
+    /// version of the record that says so.
+    fn take_forgettable(&mut self, before: SystemTime, limit: usize) -> Vec<Forget> {
+        let mut due = Vec::new();
+        while due.len() < limit {
+            let Some((at, id)) = self.ended.first().cloned() else {
+                break;
+            };
+            if at > before {
+                break;
+            }
+            self.ended.pop_first();
+            self.ended_at.remove(&id);
+            let Some((s, version)) = self.statuses.get(&id) else {
+                continue;
+            };
+            let launches = self
+                .reports
+                .range((id.clone(), 0)..=(id.clone(), u32::MAX))
+                .map(|((_, launch), _)| *launch)
+                .collect();
+            due.push(Forget {
+                agent: s.record.agent.clone(),
+                version: *version,
+                launches,
+                at,
+                id,
+            });
+        }
+        due
+    }
+
+    /// Puts back a task whose forgetting failed, to try again later.
+    fn forget_later(&mut self, f: &Forget) {
+        if self
+            .statuses
+            .get(&f.id)
+            .is_some_and(|(_, v)| *v == f.version)
+        {
+            self.ended_at.insert(f.id.clone(), f.at);
+            self.ended.insert((f.at, f.id.clone()));
         }
     }
 
@@ -250,10 +331,29 @@ impl World {
     }
 }
 
+/// A task past its retention, to be deleted if its record is still the
+/// one at `version`.
+struct Forget {
+    id: String,
+    version: Version,
+    /// Its last launch's agent (whose orders go too).
+    agent: Option<String>,
+    /// The launches that left a report.
+    launches: Vec<u32>,
+    /// When it ended.
+    at: SystemTime,
+}
+
 /// A record a pass decided to write, and the orders that follow it.
 struct Write {
     id: String,
     spec: TaskSpec,
+    /// The spec's version, when the write creates the record: the record
+    /// is only created if the spec is still that one (a task forgotten
+    /// after its retention loses its record and spec together, and must
+    /// not come back as a new launch from a picture that still holds the
+    /// spec).
+    spec_version: Option<Version>,
     rec: StatusRecord,
     precondition: Precondition,
     actions: Vec<TaskAction>,
@@ -410,15 +510,19 @@ impl Supervisor {
         let b = &self.backend;
         let mut world = World::default();
         let mut since: Option<Version> = None;
+        // Records before specs: a task forgotten between the two listings
+        // (its spec deleted first, or both at once) then has neither, never
+        // a spec alone, which would read as a launch without a record.
         for dir in [
-            store::spec_dir()?,
             store::status_dir()?,
+            store::spec_dir()?,
             store::report_dir()?,
             store::kill_request_dir()?,
             store::agents_dir()?,
         ] {
             let listing = b.kv().list(&dir, Depth::Recursive).await?;
             since = Some(since.map_or(listing.revision, |s| s.min(listing.revision)));
+            world.listed_up_to = world.listed_up_to.max(Some(listing.revision));
             for e in listing.entries {
                 world.apply(&e.key, Some(&e.value), e.version);
             }
@@ -544,6 +648,32 @@ impl Supervisor {
                 Ok(Written::Lost) => {}
                 Err(e) => {
                     first_error.get_or_insert(e);
+                }
+            }
+        }
+
+        // Tasks past their retention go; the watch brings the deletes back
+        // and they leave the picture then.
+        if let Some(before) = now.checked_sub(self.config.task_retention) {
+            let due = world.take_forgettable(before, FORGET_PER_PASS);
+            let results: Vec<(Forget, Result<()>)> = futures::stream::iter(due)
+                .map(|f| async move {
+                    let result = self.forget(&f).await;
+                    (f, result)
+                })
+                .buffer_unordered(WRITES_IN_FLIGHT)
+                .collect()
+                .await;
+            for (f, result) in results {
+                match result {
+                    Ok(()) => {}
+                    // The record changed meanwhile: its new version comes
+                    // through the watch and decides again.
+                    Err(e) if e.kind() == ErrorKind::Conflict => {}
+                    Err(e) => {
+                        world.forget_later(&f);
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -694,6 +824,10 @@ impl Supervisor {
         Ok(Some(Write {
             id: id.to_string(),
             spec: spec.clone(),
+            spec_version: match version {
+                Some(_) => None,
+                None => world.seen.get(&store::spec_key(id)?).copied(),
+            },
             rec,
             precondition: match version {
                 Some(v) => Precondition::Version(v),
@@ -757,9 +891,11 @@ impl Supervisor {
     /// transaction: one round trip, and no order without its record.
     async fn write_atomically(&self, w: Write, term: u64) -> Result<Written> {
         let status_key = store::status_key(&w.id)?;
-        let mut txn = Txn::new()
-            .check(status_key.clone(), w.precondition)
-            .put(status_key, store::encode(&w.rec)?);
+        let mut txn = Txn::new().check(status_key.clone(), w.precondition);
+        if let Some(v) = w.spec_version {
+            txn = txn.check(store::spec_key(&w.id)?, Precondition::Version(v));
+        }
+        let mut txn = txn.put(status_key, store::encode(&w.rec)?);
         let mut written = BTreeSet::new();
         for action in &w.actions {
             if let Some((key, value)) = order(&w.id, &w.spec, &w.rec, action, term)? {
@@ -796,6 +932,37 @@ impl Supervisor {
             version,
             unsent: Vec::new(),
         })
+    }
+
+    /// Deletes every record of a task past its retention, if its record is
+    /// still the one that said it ended. The reports go first (on their
+    /// own they mean nothing), the record last: on a backend without
+    /// transactions an interruption leaves a record whose spec is gone,
+    /// which the next pass (or leader) forgets in turn, never a spec
+    /// without its record, which would read as a new launch.
+    async fn forget(&self, f: &Forget) -> Result<()> {
+        let kv = self.backend.kv();
+        for launch in &f.launches {
+            kv.delete(&store::report_key(&f.id, *launch)?).await?;
+        }
+        let status_key = store::status_key(&f.id)?;
+        let mut others = vec![store::spec_key(&f.id)?, store::kill_request_key(&f.id)?];
+        if let Some(agent) = &f.agent {
+            others.push(store::assign_key(agent, &f.id)?);
+            others.push(store::kill_key(agent, &f.id)?);
+        }
+        if self.backend.capabilities().kv.transactions {
+            let mut txn = Txn::new().check(status_key.clone(), Precondition::Version(f.version));
+            for key in others {
+                txn = txn.delete(key);
+            }
+            kv.txn(txn.delete(status_key)).await?;
+            return Ok(());
+        }
+        for key in others {
+            kv.delete(&key).await?;
+        }
+        kv.delete_if_version(&status_key, f.version).await
     }
 
     async fn carry_out(
@@ -860,6 +1027,10 @@ mod tests {
     use dprim_memory::MemoryServer;
 
     fn supervisor(backend: &Backend) -> Supervisor {
+        retaining(backend, DEFAULT_TASK_RETENTION)
+    }
+
+    fn retaining(backend: &Backend, task_retention: Duration) -> Supervisor {
         Supervisor::new(
             backend.clone(),
             SupervisorConfig {
@@ -868,6 +1039,7 @@ mod tests {
                 gone_timeout: Duration::from_secs(60),
                 interval: Duration::from_millis(50),
                 placer: Arc::new(FirstFit),
+                task_retention,
             },
         )
     }
@@ -1019,6 +1191,117 @@ mod tests {
             .unwrap();
         world.apply(&store::agent_key("a1").unwrap(), Some(&agent), version);
         assert_eq!(world.dirty, BTreeSet::from([running.0]));
+    }
+
+    /// Every key under `_dprim/tasks` that names task `id`.
+    async fn keys_of(backend: &Backend, id: &str) -> Vec<String> {
+        let listing = backend
+            .kv()
+            .list(
+                &store::key("_dprim/tasks".into()).unwrap(),
+                Depth::Recursive,
+            )
+            .await
+            .unwrap();
+        listing
+            .entries
+            .into_iter()
+            .map(|e| e.key.as_str().to_string())
+            .filter(|k| k.split('/').any(|part| part == id))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_task_done_for_good_is_forgotten_after_the_retention_and_a_live_one_is_not() {
+        let (backend, client, done) = one_task_one_agent().await;
+        let live = client.launch(noop()).await.unwrap();
+        let sup = retaining(&backend, Duration::from_millis(300));
+        sup.reconcile(1).await.unwrap();
+        let report = Report {
+            agent: "a1".into(),
+            launch: 1,
+            seq: 1,
+            event: ReportEvent::Exited { code: 0 },
+        };
+        store::put(&backend, &store::report_key(&done.0, 1).unwrap(), &report)
+            .await
+            .unwrap();
+        sup.reconcile(1).await.unwrap();
+        assert_eq!(
+            client.status(&done).await.unwrap().state,
+            TaskState::Finished
+        );
+        // Within the retention a pass keeps it.
+        sup.reconcile(1).await.unwrap();
+        assert!(client.status(&done).await.is_ok());
+        assert!(!keys_of(&backend, &done.0).await.is_empty());
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sup.reconcile(1).await.unwrap();
+        let err = client.status(&done).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert!(err.message().contains("--task-retention"), "{err}");
+        assert_eq!(keys_of(&backend, &done.0).await, Vec::<String>::new());
+        // The live task keeps everything, however old.
+        assert_eq!(
+            client.status(&live).await.unwrap().state,
+            TaskState::Starting
+        );
+        let left = keys_of(&backend, &live.0).await;
+        assert_eq!(left.len(), 3, "spec, record and assignment: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_task_is_not_launched_again_from_a_picture_that_still_holds_its_spec() {
+        let (backend, client, id) = one_task_one_agent().await;
+        let keeper = supervisor(&backend);
+        keeper.reconcile(1).await.unwrap();
+        let report = Report {
+            agent: "a1".into(),
+            launch: 1,
+            seq: 1,
+            event: ReportEvent::Exited { code: 0 },
+        };
+        store::put(&backend, &store::report_key(&id.0, 1).unwrap(), &report)
+            .await
+            .unwrap();
+        keeper.reconcile(1).await.unwrap();
+        assert_eq!(client.status(&id).await.unwrap().state, TaskState::Finished);
+        let (mut world, since) = keeper.load().await.unwrap();
+        let mut changes = keeper.watch(since).await.unwrap();
+
+        retaining(&backend, Duration::ZERO)
+            .reconcile(1)
+            .await
+            .unwrap();
+        assert_eq!(
+            client.status(&id).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        // The picture learns that the record is gone before it learns
+        // that the spec is.
+        let status_key = store::status_key(&id.0).unwrap();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(5), changes.next())
+                .await
+                .expect("the forgetting comes through the watch")
+                .unwrap()
+                .unwrap();
+            if let WatchEvent::Delete { key, version } = event {
+                if key == status_key {
+                    world.apply(&key, None, version);
+                    break;
+                }
+            }
+        }
+        assert!(world.specs.contains_key(&id.0));
+        keeper.pass(&mut world, 1).await.unwrap();
+        assert_eq!(
+            client.status(&id).await.unwrap_err().kind(),
+            ErrorKind::NotFound,
+            "the forgotten task came back"
+        );
+        assert_eq!(keys_of(&backend, &id.0).await, Vec::<String>::new());
     }
 
     #[tokio::test]

@@ -75,6 +75,7 @@ pub fn supervisor(backend: &Backend, gone_timeout: Duration) -> Supervisor {
             gone_timeout,
             interval: Duration::from_millis(30),
             placer: Arc::new(FirstFit),
+            task_retention: dprim_runtime::tasks::supervisor::DEFAULT_TASK_RETENTION,
         },
     )
 }
