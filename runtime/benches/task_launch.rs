@@ -72,6 +72,7 @@ async fn main() {
                 work_dir: work.join(format!("agent-{i:03}")),
                 session_ttl: ttl,
                 interval: Duration::from_secs(1),
+                sandbox_retention: dprim_runtime::tasks::agent::DEFAULT_SANDBOX_RETENTION,
             },
         );
         handles.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));

@@ -308,6 +308,10 @@ pub struct AgentArgs {
     /// TTL of the agent's session (default: the config's session_ttl).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub ttl: Option<Duration>,
+    /// How long the sandbox of an ended launch (its stdout, stderr and
+    /// exit code, what `dprim task logs` reads) is kept; then it is deleted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub sandbox_retention: Duration,
 }
 
 /// `dprim demo`

@@ -309,6 +309,7 @@ async fn an_unusable_work_dir_stops_the_agent_with_a_clear_error() {
         work_dir: work.clone(),
         session_ttl: Duration::from_secs(1),
         interval: Duration::from_millis(30),
+        sandbox_retention: dprim_runtime::tasks::agent::DEFAULT_SANDBOX_RETENTION,
     };
     // a1 runs once and leaves: the work dir is now a1's.
     Agent::new(backend.clone(), config("a1"))

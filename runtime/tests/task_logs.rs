@@ -11,7 +11,7 @@ mod support;
 use dprim::tasks::{Constraint, Resources, RestartPolicy, TaskSpec, TaskState, TaskStatus};
 use dprim::{Backend, BackendConfig, ErrorKind, Key, PutOptions, TaskId, Tasks, Value};
 use dprim_memory::MemoryServer;
-use dprim_runtime::tasks::agent::Agent;
+use dprim_runtime::tasks::agent::{Agent, AgentConfig, DEFAULT_SANDBOX_RETENTION};
 use dprim_runtime::tasks::client::TasksClient;
 use dprim_runtime::tasks::logs::{LogStream, CHUNK_BYTES};
 use std::path::{Path, PathBuf};
@@ -40,6 +40,12 @@ struct Local {
 
 impl Local {
     fn start(name: &str) -> Local {
+        Local::start_retaining(name, DEFAULT_SANDBOX_RETENTION)
+    }
+
+    /// As `start`, with an agent that deletes an ended launch's sandbox
+    /// after `sandbox_retention`.
+    fn start_retaining(name: &str, sandbox_retention: Duration) -> Local {
         let backend = MemoryServer::new()
             .connect(&BackendConfig::memory())
             .unwrap();
@@ -47,14 +53,15 @@ impl Local {
         let supervisor = support::supervisor(&backend, Duration::from_secs(2));
         tokio::spawn(supervisor.run(support::stopped(&stop)));
         let work = temp_dir(name);
-        let agent = Agent::new(
-            backend.clone(),
-            support::agent_config(
+        let config = AgentConfig {
+            sandbox_retention,
+            ..support::agent_config(
                 work.clone(),
                 Duration::from_secs(2),
                 [("zone".to_string(), "z1".to_string())].into(),
-            ),
-        );
+            )
+        };
+        let agent = Agent::new(backend.clone(), config);
         tokio::spawn(agent.run(support::stopped(&stop)));
         Local {
             client: TasksClient::new(backend.clone()),
@@ -81,6 +88,39 @@ impl Drop for Local {
             let _ = std::fs::remove_dir_all(&self.work);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_launch_output_is_deleted_after_the_sandbox_retention() {
+    let retention = Duration::from_millis(300);
+    let c = Local::start_retaining("retention", retention);
+    let ended = c.client.launch(sh("echo bye")).await.unwrap();
+    let running = c.client.launch(sh("echo hi; exec sleep 30")).await.unwrap();
+    c.wait_for(&ended, TaskState::Finished).await;
+    c.wait_for(&running, TaskState::Running).await;
+    let sandbox = c.work.join(&ended.0).join("1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} outlived its retention",
+            sandbox.display()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        !c.work.join(&ended.0).exists(),
+        "the task's empty directory went too"
+    );
+    let read = async {
+        let mut logs = c.client.logs(&ended, LogStream::Stdout, None).await?;
+        logs.read_to_end(0).await
+    }
+    .await;
+    assert_eq!(read.unwrap_err().kind(), ErrorKind::NotFound);
+    // A running launch keeps its sandbox, however long it runs.
+    tokio::time::sleep(retention * 3).await;
+    assert_eq!(c.output(&running, LogStream::Stdout, None).await, b"hi\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,7 @@ pub(crate) async fn run(ctx: &Ctx, args: DemoArgs) -> Result<u8, Failure> {
                 work_dir: work.join(id),
                 session_ttl: ttl,
                 interval: Duration::from_millis(50),
+                sandbox_retention: crate::tasks::agent::DEFAULT_SANDBOX_RETENTION,
             },
         );
         agents.insert(id, tokio::spawn(agent.run(stopped(stop_rx.clone()))));

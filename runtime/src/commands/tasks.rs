@@ -361,6 +361,7 @@ pub(crate) async fn agent(ctx: &Ctx, args: AgentArgs) -> Result<u8, Failure> {
             work_dir: args.work_dir,
             session_ttl: args.ttl.unwrap_or(config.backend.session_ttl),
             interval: interval(),
+            sandbox_retention: args.sandbox_retention,
         },
     );
     crate::output::note(&format!(

@@ -73,7 +73,18 @@ pub struct AgentConfig {
     pub session_ttl: Duration,
     /// How often it looks for assignments and kill orders.
     pub interval: Duration,
+    /// How long the sandbox of an ended launch (its output and exit code)
+    /// stays on disk; then it is deleted, so a long-lived agent's work dir
+    /// does not grow with every task it ever ran.
+    pub sandbox_retention: Duration,
 }
+
+/// How long an ended launch's sandbox is kept by default (the same as the
+/// supervisor's task retention: the output goes with the record).
+pub const DEFAULT_SANDBOX_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The longest an agent waits between two looks for old sandboxes.
+const SANDBOX_SWEEP: Duration = Duration::from_secs(60);
 
 /// How long a graceful shutdown gives each task after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -311,6 +322,7 @@ impl Agent {
             orders: Orders::default(),
             written: HashMap::new(),
             unsaved_deliveries: false,
+            swept_at: None,
         };
         runner.run(shutdown, exit_rx).await
     }
@@ -334,6 +346,8 @@ struct Runner {
     written: HashMap<Key, (Version, u64)>,
     /// Reports were delivered since the checkpoint was last saved.
     unsaved_deliveries: bool,
+    /// When the work dir was last swept of old sandboxes.
+    swept_at: Option<tokio::time::Instant>,
 }
 
 impl Drop for Runner {
@@ -626,6 +640,7 @@ impl Runner {
             if let Err(e) = self.poll().await {
                 tracing::warn!(error = %e, "agent poll failed");
             }
+            self.sweep_sandboxes_when_due();
             while let Ok(exit) = exit_rx.try_recv() {
                 self.on_exit(exit);
             }
@@ -895,6 +910,91 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// Deletes the sandboxes of launches that ended more than the sandbox
+    /// retention ago, at most every [`SANDBOX_SWEEP`] (sooner for a short
+    /// retention).
+    fn sweep_sandboxes_when_due(&mut self) {
+        let every =
+            (self.config.sandbox_retention / 2).clamp(Duration::from_millis(100), SANDBOX_SWEEP);
+        if self.swept_at.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.swept_at = Some(tokio::time::Instant::now());
+        let Some(before) = SystemTime::now().checked_sub(self.config.sandbox_retention) else {
+            return;
+        };
+        let keep: HashSet<PathBuf> = self
+            .checkpoint
+            .state
+            .tasks
+            .values()
+            .map(|l| l.sandbox.clone())
+            .collect();
+        let removed = sweep_sandboxes(&self.config.work_dir, &keep, before);
+        if removed > 0 {
+            tracing::info!(removed, "deleted the sandboxes of launches that ended longer than the sandbox retention ago");
+        }
+    }
+}
+
+/// Deletes every sandbox (`<work_dir>/<task>/<launch>`) not in `keep` whose
+/// newest change (the directory or a file in it: output, exit code) is
+/// older than `before`, and task directories left empty. Returns how many
+/// sandboxes went. Anything else in the work dir is left alone.
+fn sweep_sandboxes(work_dir: &Path, keep: &HashSet<PathBuf>, before: SystemTime) -> usize {
+    let mut removed = 0;
+    let Ok(tasks) = std::fs::read_dir(work_dir) else {
+        return 0;
+    };
+    for task in tasks.flatten() {
+        if !task.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(launches) = std::fs::read_dir(task.path()) else {
+            continue;
+        };
+        for launch in launches.flatten() {
+            let sandbox = launch.path();
+            let is_launch = launch
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !is_launch
+                || !launch.file_type().is_ok_and(|t| t.is_dir())
+                || keep.contains(&sandbox)
+            {
+                continue;
+            }
+            if newest_change(&sandbox).is_some_and(|at| at < before) {
+                match std::fs::remove_dir_all(&sandbox) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot delete an old sandbox")
+                    }
+                }
+            }
+        }
+        // Only succeeds once the task's last sandbox is gone.
+        let _ = std::fs::remove_dir(task.path());
+    }
+    removed
+}
+
+/// When a sandbox last changed: its own modification time or any of its
+/// files', whichever is newest.
+fn newest_change(sandbox: &Path) -> Option<SystemTime> {
+    let mut newest = std::fs::metadata(sandbox).ok()?.modified().ok()?;
+    if let Ok(entries) = std::fs::read_dir(sandbox) {
+        for e in entries.flatten() {
+            if let Ok(at) = e.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(at);
+            }
+        }
+    }
+    Some(newest)
+}
+
 /// The process group id the sandbox's `pid` file holds, if any.
 fn read_pid_file(sandbox: &Path) -> Option<i32> {
     std::fs::read_to_string(sandbox.join("pid"))
@@ -933,6 +1033,7 @@ mod tests {
             work_dir: work_dir.to_path_buf(),
             session_ttl: Duration::from_secs(1),
             interval: Duration::from_millis(30),
+            sandbox_retention: DEFAULT_SANDBOX_RETENTION,
         };
         let owner = Owner {
             pid: std::process::id() as i32,
@@ -951,8 +1052,47 @@ mod tests {
             orders: Orders::default(),
             written: HashMap::new(),
             unsaved_deliveries: false,
+            swept_at: None,
         };
         (runner, rx)
+    }
+
+    #[test]
+    fn a_sweep_deletes_old_ended_sandboxes_and_keeps_the_rest() {
+        let dir = std::env::temp_dir().join(format!("dprim-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sandbox = |task: &str, launch: &str| {
+            let d = dir.join(task).join(launch);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("stdout"), "out").unwrap();
+            std::fs::write(d.join(process::EXIT_FILE), "0\n").unwrap();
+            d
+        };
+        let ended = sandbox("t-ended", "1");
+        let relaunched_old = sandbox("t-relaunched", "1");
+        let running = sandbox("t-relaunched", "2");
+        let not_a_launch = dir.join("t-other").join("notes");
+        std::fs::create_dir_all(&not_a_launch).unwrap();
+        std::fs::write(dir.join("agent.checkpoint.0"), "x").unwrap();
+        let keep = HashSet::from([running.clone()]);
+
+        // Nothing has ended long enough ago.
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(sweep_sandboxes(&dir, &keep, an_hour_ago), 0);
+        assert!(ended.exists() && relaunched_old.exists());
+
+        // Everything not kept has, now.
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(sweep_sandboxes(&dir, &keep, later), 2);
+        assert!(!ended.exists() && !dir.join("t-ended").exists());
+        assert!(!relaunched_old.exists());
+        assert!(running.join("stdout").exists(), "a kept sandbox stays");
+        assert!(
+            not_a_launch.exists(),
+            "only launch directories are sandboxes"
+        );
+        assert!(dir.join("agent.checkpoint.0").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn sleeper() -> TaskSpec {

@@ -445,6 +445,7 @@ impl TaskCluster for Cluster {
                         work_dir,
                         session_ttl: self.session_ttl,
                         interval: INTERVAL,
+                        sandbox_retention: super::agent::DEFAULT_SANDBOX_RETENTION,
                     },
                 );
                 let gate = Gate::default();

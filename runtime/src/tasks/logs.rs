@@ -450,7 +450,8 @@ fn read_chunk(
     let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_dir());
     if !real_dir(&work_dir.join(task)) || !real_dir(&sandbox) {
         return Err(Error::not_found(format!(
-            "agent `{agent}` has no launch {launch} of task `{task}` (no sandbox directory at {})",
+            "agent `{agent}` has no launch {launch} of task `{task}` (no sandbox directory at {}; \
+             an ended launch's sandbox is deleted after the agent's --sandbox-retention, 1h by default)",
             sandbox.display()
         )));
     }

@@ -98,6 +98,7 @@ pub fn agent_config(
         work_dir,
         session_ttl,
         interval: Duration::from_millis(30),
+        sandbox_retention: dprim_runtime::tasks::agent::DEFAULT_SANDBOX_RETENTION,
     }
 }
 
