@@ -714,7 +714,14 @@ impl Runner {
                 r.agent.as_deref().unwrap_or("(none)")
             )));
         }
-        if r.state != TaskState::Starting {
+        // UNREACHABLE with no report of this launch applied: this agent's
+        // session ended (a pause, an overloaded host) after the launch was
+        // assigned and before it started. The launch is still this agent's
+        // until the supervisor declares it GONE, and its start report
+        // brings the record back (RUNNING). Declining it would leave the
+        // task to go GONE although its agent came back in time.
+        let assigned_before_a_blip = r.state == TaskState::Unreachable && rec.report_seq == 0;
+        if r.state != TaskState::Starting && !assigned_before_a_blip {
             return Ok(Verdict::Decline(format!(
                 "the record says {:?}, not STARTING",
                 r.state
@@ -1231,6 +1238,43 @@ mod tests {
             }
         }
         next_exit(&mut exits).await;
+        next_exit(&mut exits).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_launch_assigned_before_the_agent_lost_its_session_still_starts() {
+        let b = memory();
+        let dir = work("blip");
+        let (mut r, mut exits) = runner(&b, &dir);
+        // u: assigned, then the agent's session ended before it started it;
+        // the supervisor marked it UNREACHABLE, no report of it applied.
+        record(&b, "u", 1, TaskState::Unreachable, "a1", 5, false).await;
+        assign(&b, "u", 1, 5).await;
+        // s: UNREACHABLE after a report of this launch was applied: it was
+        // started before (this agent just does not know it any more).
+        let key = store::status_key("s").unwrap();
+        record(&b, "s", 1, TaskState::Unreachable, "a1", 5, false).await;
+        let (mut reported, _) = store::get::<StatusRecord>(&b, &key).await.unwrap().unwrap();
+        reported.report_seq = 7;
+        store::put(&b, &key, &reported).await.unwrap();
+        assign(&b, "s", 1, 5).await;
+
+        r.poll().await.unwrap();
+        assert!(r.running.contains_key("u"), "started");
+        assert!(!r.running.contains_key("s"), "never started twice");
+        assert!(r.checkpoint.state.done.contains(&("s".into(), 1)));
+        assert_eq!(
+            r.checkpoint
+                .state
+                .outbox
+                .back()
+                .map(|o| (o.task.as_str(), &o.report.event)),
+            Some(("u", &ReportEvent::Started))
+        );
+        if let Some(kill) = r.running.get_mut("u").and_then(|r| r.kill.take()) {
+            let _ = kill.send(Duration::ZERO);
+        }
         next_exit(&mut exits).await;
         let _ = std::fs::remove_dir_all(dir);
     }
