@@ -390,7 +390,7 @@ impl Runner {
     /// not make this change survive a crash.
     fn save(&mut self) {
         self.unsaved_deliveries = false;
-        if let Err(e) = self.checkpoint.save() {
+        if let Err(e) = off_the_runtime(|| self.checkpoint.save()) {
             tracing::error!(error = %e, "cannot save the agent checkpoint; a crash now would forget this change");
         }
     }
@@ -755,11 +755,11 @@ impl Runner {
                 sandbox: sandbox.clone(),
             },
         );
-        let started = match self.checkpoint.save() {
+        let started = off_the_runtime(|| match self.checkpoint.save() {
             // Without the record a crash could start it twice.
             Err(e) => Err(e),
             Ok(()) => TaskProcess::spawn(&a.spec, &sandbox, &self.enforcement),
-        };
+        });
         match started {
             Ok(process) => {
                 if let Some(l) = self.checkpoint.state.tasks.get_mut(task) {
@@ -1000,6 +1000,19 @@ fn newest_change(sandbox: &Path) -> Option<SystemTime> {
         }
     }
     Some(newest)
+}
+
+/// Runs blocking work (a checkpoint's `fdatasync`, a sandbox and a process
+/// start) without holding up the rest of the runtime: on a multi-threaded
+/// runtime the worker's other tasks move to another thread meanwhile.
+/// Without this, an agent busy starting tasks (or a process running many
+/// agents) queued its session's renewals behind thousands of such calls,
+/// and sessions expired under load.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 /// The process group id the sandbox's `pid` file holds, if any.
