@@ -24,6 +24,10 @@ const LAUNCHERS: usize = 64;
 
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let config = match std::env::var("DPRIM_BENCH_CONFIG") {
         Ok(path) => Config::from_file(std::path::Path::new(&path)).unwrap(),
         Err(_) => Config::memory(),
@@ -148,7 +152,17 @@ async fn wait_until_ran(
     pending: &mut HashSet<TaskId>,
 ) {
     while !pending.is_empty() {
-        match updates.next().await {
+        let next = match tokio::time::timeout(Duration::from_secs(20), updates.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                eprintln!("STUCK: {} pending", pending.len());
+                for id in pending.iter().take(5) {
+                    eprintln!("  {:?}", client.status(id).await);
+                }
+                std::process::exit(3);
+            }
+        };
+        match next {
             Some(Ok(s)) => {
                 if ran(s.state) {
                     pending.remove(&s.id);

@@ -123,9 +123,9 @@ Examples:
   dprim task launch --cpus 0.5 --mem 256MiB -- ./worker --shard 3
   dprim task launch --constraint zone==z1 --restart on-failure -- sleep 60
   dprim task ls
-  dprim task status t019bc7d4a1f-3e2a9c
-  dprim task logs t019bc7d4a1f-3e2a9c --follow
-  dprim task kill t019bc7d4a1f-3e2a9c --grace 10s
+  dprim task status t019bc7d4a1f-3e2a9c0d41b7
+  dprim task logs t019bc7d4a1f-3e2a9c0d41b7 --follow
+  dprim task kill t019bc7d4a1f-3e2a9c0d41b7 --grace 10s
 
 Tasks are run by agents (`dprim agent`) and placed by a supervisor
 (`dprim supervisor`); all of them must use the same shared backend (--config).")]
@@ -239,9 +239,9 @@ pub enum TaskCommand {
     /// Print a task's output (stdout, or stderr with --stderr).
     #[command(after_help = "\
 Examples:
-  dprim task logs t019bc7d4a1f-3e2a9c                  stdout of the latest launch
-  dprim task logs t019bc7d4a1f-3e2a9c --stderr --launch 1
-  dprim task logs t019bc7d4a1f-3e2a9c --follow --tail 4KiB
+  dprim task logs t019bc7d4a1f-3e2a9c0d41b7                  stdout of the latest launch
+  dprim task logs t019bc7d4a1f-3e2a9c0d41b7 --stderr --launch 1
+  dprim task logs t019bc7d4a1f-3e2a9c0d41b7 --follow --tail 4KiB
 
 The output is read from the agent that ran the launch, through the backend,
 so the agent must be running (`dprim agents ls`). The bytes are printed
