@@ -22,8 +22,12 @@ const AGENTS: usize = 100;
 /// Concurrent callers launching the batch.
 const LAUNCHERS: usize = 64;
 
+/// How long the benchmark waits for any status update before it gives up.
+const STALL: Duration = Duration::from_secs(60);
+
 #[tokio::main]
 async fn main() {
+    // RUST_LOG=warn shows what the agents and the supervisor complain about.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -152,14 +156,19 @@ async fn wait_until_ran(
     pending: &mut HashSet<TaskId>,
 ) {
     while !pending.is_empty() {
-        let next = match tokio::time::timeout(Duration::from_secs(20), updates.next()).await {
+        // A task that never runs would otherwise hang the benchmark.
+        let next = match tokio::time::timeout(STALL, updates.next()).await {
             Ok(n) => n,
             Err(_) => {
-                eprintln!("STUCK: {} pending", pending.len());
-                for id in pending.iter().take(5) {
-                    eprintln!("  {:?}", client.status(id).await);
+                let mut stuck = Vec::new();
+                for id in pending.iter().take(3) {
+                    stuck.push(format!("{:?}", client.status(id).await));
                 }
-                std::process::exit(3);
+                panic!(
+                    "no status update for {STALL:?} while {} tasks have not run, e.g. {}",
+                    pending.len(),
+                    stuck.join("; ")
+                );
             }
         };
         match next {
