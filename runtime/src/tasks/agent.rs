@@ -356,6 +356,15 @@ impl Drop for Runner {
     /// it for the next agent).
     fn drop(&mut self) {
         if let Enforcement::Cgroup { cgroups } = &self.enforcement {
+            // Groups of ended tasks the kernel was still releasing go first.
+            let starting: HashSet<String> = self
+                .checkpoint
+                .state
+                .tasks
+                .values()
+                .map(|l| process::cgroup_name(&l.sandbox))
+                .collect();
+            cgroups.sweep(&starting);
             cgroups.release();
         }
     }
@@ -938,6 +947,10 @@ impl Runner {
             .values()
             .map(|l| l.sandbox.clone())
             .collect();
+        if let Enforcement::Cgroup { cgroups } = &self.enforcement {
+            let starting: HashSet<String> = keep.iter().map(|s| process::cgroup_name(s)).collect();
+            cgroups.sweep(&starting);
+        }
         let removed = sweep_sandboxes(&self.config.work_dir, &keep, before);
         if removed > 0 {
             tracing::info!(removed, "deleted the sandboxes of launches that ended longer than the sandbox retention ago");

@@ -16,6 +16,7 @@
 
 use dprim::tasks::Resources;
 use dprim::{Error, Result};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// The CFS period the CPU quota is expressed in (100 ms, the kernel's default).
@@ -278,16 +279,50 @@ impl Cgroups {
         }
     }
 
+    /// The agent's own group in each hierarchy in use.
+    fn own_dirs(&self) -> Vec<&PathBuf> {
+        match &self.hierarchy {
+            Hierarchy::V2 { base, .. } => vec![base],
+            Hierarchy::V1 { memory, cpu } => std::iter::once(memory).chain(cpu).collect(),
+        }
+    }
+
     /// Removes the agent's own group if no task's group is left in it
     /// (a task still running after the agent left keeps it).
     pub fn release(&self) {
-        let dirs = match &self.hierarchy {
-            Hierarchy::V2 { base, .. } => vec![base],
-            Hierarchy::V1 { memory, cpu } => std::iter::once(memory).chain(cpu).collect(),
-        };
-        for dir in dirs {
+        for dir in self.own_dirs() {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+
+    /// Removes the task groups left in the agent's group that no process
+    /// is in any more, except those named in `keep` (launches that may
+    /// still be starting: their wrapper joins its group only once it
+    /// runs). Returns how many directories went. The kernel refuses to
+    /// remove a group that still has a process, so a running task's group
+    /// always stays.
+    ///
+    /// A group is left behind when the kernel still counted its last
+    /// process at the moment its task ended (cgroup v1 releases a group
+    /// shortly after its last process exits), or when an agent crashed.
+    pub fn sweep(&self, keep: &HashSet<String>) -> usize {
+        let mut removed = 0;
+        for dir in self.own_dirs() {
+            let Ok(groups) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for group in groups.flatten() {
+                let named = group.file_name().to_str().map(str::to_string);
+                let is_dir = group.file_type().is_ok_and(|t| t.is_dir());
+                if !is_dir || named.is_none_or(|n| keep.contains(&n)) {
+                    continue;
+                }
+                if std::fs::remove_dir(group.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// The group `name` as [`Cgroups::create`] made it, without touching
@@ -403,13 +438,20 @@ impl TaskCgroup {
             .unwrap_or(0)
     }
 
-    /// Removes the group once its processes are gone (the kernel refuses
-    /// while any remain; that is logged and the directory left behind).
+    /// Removes the group once its processes are gone. The kernel refuses
+    /// while any remain, and cgroup v1 also for a moment after the last
+    /// one exited (`EBUSY`); such a group is left for the agent's next
+    /// sweep ([`Cgroups::sweep`]).
     pub fn remove(&self) {
         for dir in &self.dirs {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(group = %dir.display(), error = %e, "cannot remove a task's control group");
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    tracing::debug!(group = %dir.display(), "task's control group still busy; the agent's sweep removes it")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %dir.display(), error = %e, "cannot remove a task's control group")
                 }
             }
         }
@@ -516,6 +558,59 @@ mod tests {
                     let _ = std::fs::remove_dir(cpu);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_sweep_removes_empty_task_groups_but_not_kept_or_busy_ones() {
+        let agent = format!("test-sweep-{}", std::process::id());
+        let cgroups = match Cgroups::detect(&agent) {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("no usable control groups here ({why}); nothing to check");
+                return;
+            }
+        };
+        let none = Resources::default();
+        let ended = cgroups.create("t-ended-1", &none).unwrap();
+        let starting = cgroups.create("t-starting-1", &none).unwrap();
+        let busy = cgroups.create("t-busy-1", &none).unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        busy.join(sleeper.id()).unwrap();
+
+        let keep = HashSet::from(["t-starting-1".to_string()]);
+        let removed = cgroups.sweep(&keep);
+        assert_eq!(
+            removed,
+            ended.dirs.len(),
+            "only the ended group's directories"
+        );
+        assert!(ended.dirs.iter().all(|d| !d.exists()));
+        assert!(starting.dirs.iter().all(|d| d.exists()), "kept");
+        assert!(
+            busy.dirs.iter().all(|d| d.exists()),
+            "a group with a process stays"
+        );
+
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        // Once its process is gone the busy group goes too (cgroup v1 may
+        // take a moment to release it).
+        for _ in 0..100 {
+            cgroups.sweep(&HashSet::new());
+            if busy.dirs.iter().all(|d| !d.exists()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(busy.dirs.iter().all(|d| !d.exists()));
+        assert!(starting.dirs.iter().all(|d| !d.exists()));
+        cgroups.release();
+        for dir in cgroups.own_dirs() {
+            assert!(!dir.exists(), "{} left behind", dir.display());
         }
     }
 }

@@ -364,7 +364,7 @@ fn resolve_command(spec: &TaskSpec, sandbox: &Path) -> Result<PathBuf> {
 
 /// A launch's group name from its sandbox `<work_dir>/<task>/<launch>`:
 /// `<task>-<launch>`.
-fn cgroup_name(sandbox: &Path) -> String {
+pub(crate) fn cgroup_name(sandbox: &Path) -> String {
     let mut parts = sandbox
         .iter()
         .rev()
