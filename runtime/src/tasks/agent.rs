@@ -355,16 +355,9 @@ impl Drop for Runner {
     /// left in it (the kernel refuses otherwise; a task still running keeps
     /// it for the next agent).
     fn drop(&mut self) {
+        // Groups of ended tasks the kernel was still releasing go first.
+        self.sweep_cgroups(&self.live_sandboxes());
         if let Enforcement::Cgroup { cgroups } = &self.enforcement {
-            // Groups of ended tasks the kernel was still releasing go first.
-            let starting: HashSet<String> = self
-                .checkpoint
-                .state
-                .tasks
-                .values()
-                .map(|l| process::cgroup_name(&l.sandbox))
-                .collect();
-            cgroups.sweep(&starting);
             cgroups.release();
         }
     }
@@ -930,6 +923,28 @@ impl Runner {
     /// Deletes the sandboxes of launches that ended more than the sandbox
     /// retention ago, at most every [`SANDBOX_SWEEP`] (sooner for a short
     /// retention).
+    /// The sandboxes of the launches this agent runs or is starting.
+    fn live_sandboxes(&self) -> HashSet<PathBuf> {
+        self.checkpoint
+            .state
+            .tasks
+            .values()
+            .map(|l| l.sandbox.clone())
+            .collect()
+    }
+
+    /// Removes the control groups of this agent's ended launches that are
+    /// still there (see [`Cgroups::sweep`]).
+    fn sweep_cgroups(&self, live: &HashSet<PathBuf>) {
+        if let Enforcement::Cgroup { cgroups } = &self.enforcement {
+            let ended: HashSet<String> = ended_sandboxes(&self.config.work_dir, live)
+                .iter()
+                .map(|s| process::cgroup_name(s))
+                .collect();
+            cgroups.sweep(&ended);
+        }
+    }
+
     fn sweep_sandboxes_when_due(&mut self) {
         let every =
             (self.config.sandbox_retention / 2).clamp(Duration::from_millis(100), SANDBOX_SWEEP);
@@ -940,17 +955,8 @@ impl Runner {
         let Some(before) = SystemTime::now().checked_sub(self.config.sandbox_retention) else {
             return;
         };
-        let keep: HashSet<PathBuf> = self
-            .checkpoint
-            .state
-            .tasks
-            .values()
-            .map(|l| l.sandbox.clone())
-            .collect();
-        if let Enforcement::Cgroup { cgroups } = &self.enforcement {
-            let starting: HashSet<String> = keep.iter().map(|s| process::cgroup_name(s)).collect();
-            cgroups.sweep(&starting);
-        }
+        let keep = self.live_sandboxes();
+        self.sweep_cgroups(&keep);
         let removed = sweep_sandboxes(&self.config.work_dir, &keep, before);
         if removed > 0 {
             tracing::info!(removed, "deleted the sandboxes of launches that ended longer than the sandbox retention ago");
@@ -964,8 +970,29 @@ impl Runner {
 /// sandboxes went. Anything else in the work dir is left alone.
 fn sweep_sandboxes(work_dir: &Path, keep: &HashSet<PathBuf>, before: SystemTime) -> usize {
     let mut removed = 0;
+    for sandbox in ended_sandboxes(work_dir, keep) {
+        if newest_change(&sandbox).is_some_and(|at| at < before) {
+            match std::fs::remove_dir_all(&sandbox) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot delete an old sandbox")
+                }
+            }
+            // Only succeeds once the task's last sandbox is gone.
+            if let Some(task) = sandbox.parent() {
+                let _ = std::fs::remove_dir(task);
+            }
+        }
+    }
+    removed
+}
+
+/// Every sandbox (`<work_dir>/<task>/<launch>`) in the work dir that is
+/// not in `live`.
+fn ended_sandboxes(work_dir: &Path, live: &HashSet<PathBuf>) -> Vec<PathBuf> {
+    let mut ended = Vec::new();
     let Ok(tasks) = std::fs::read_dir(work_dir) else {
-        return 0;
+        return ended;
     };
     for task in tasks.flatten() {
         if !task.file_type().is_ok_and(|t| t.is_dir()) {
@@ -980,25 +1007,13 @@ fn sweep_sandboxes(work_dir: &Path, keep: &HashSet<PathBuf>, before: SystemTime)
                 .file_name()
                 .to_str()
                 .is_some_and(|n| n.parse::<u32>().is_ok());
-            if !is_launch
-                || !launch.file_type().is_ok_and(|t| t.is_dir())
-                || keep.contains(&sandbox)
+            if is_launch && launch.file_type().is_ok_and(|t| t.is_dir()) && !live.contains(&sandbox)
             {
-                continue;
-            }
-            if newest_change(&sandbox).is_some_and(|at| at < before) {
-                match std::fs::remove_dir_all(&sandbox) {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot delete an old sandbox")
-                    }
-                }
+                ended.push(sandbox);
             }
         }
-        // Only succeeds once the task's last sandbox is gone.
-        let _ = std::fs::remove_dir(task.path());
     }
-    removed
+    ended
 }
 
 /// When a sandbox last changed: its own modification time or any of its
@@ -1088,6 +1103,40 @@ mod tests {
             swept_at: None,
         };
         (runner, rx)
+    }
+
+    #[tokio::test]
+    async fn a_sweep_removes_only_the_control_groups_of_this_agents_ended_launches() {
+        let cgroups =
+            match crate::tasks::cgroup::Cgroups::detect(&format!("sweep-{}", std::process::id())) {
+                Ok(c) => c,
+                Err(why) => {
+                    eprintln!("no usable control groups here ({why}); nothing to check");
+                    return;
+                }
+            };
+        let b = memory();
+        let dir = work("cgroup-sweep");
+        let (mut r, _exits) = runner(&b, &dir);
+        r.enforcement = Enforcement::Cgroup {
+            cgroups: cgroups.clone(),
+        };
+        // A launch of this agent that ended: its sandbox is here.
+        std::fs::create_dir_all(dir.join("t-mine").join("1")).unwrap();
+        let mine = cgroups.create("t-mine-1", &Resources::default()).unwrap();
+        // A launch another agent of the same id (another work dir) has
+        // just made a group for; its wrapper has not joined it yet.
+        let theirs = cgroups.create("t-theirs-1", &Resources::default()).unwrap();
+
+        r.sweep_cgroups(&r.live_sandboxes());
+        assert!(mine.procs_files().iter().all(|p| !p.exists()), "removed");
+        assert!(
+            theirs.procs_files().iter().all(|p| p.exists()),
+            "another agent's group is left alone"
+        );
+        theirs.remove();
+        drop(r);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

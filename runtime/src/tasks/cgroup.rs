@@ -295,29 +295,24 @@ impl Cgroups {
         }
     }
 
-    /// Removes the task groups left in the agent's group that no process
-    /// is in any more, except those named in `keep` (launches that may
-    /// still be starting: their wrapper joins its group only once it
-    /// runs). Returns how many directories went. The kernel refuses to
-    /// remove a group that still has a process, so a running task's group
-    /// always stays.
+    /// Removes the groups named in `ended` (launches of this agent that
+    /// have ended) that are still there; returns how many directories
+    /// went. The kernel refuses to remove a group that still has a
+    /// process, so a group with anything left running stays.
+    ///
+    /// Only named groups are touched: another agent of the same id on
+    /// this machine (another work dir) shares the agent's group, and a
+    /// group made for a launch whose wrapper has not joined it yet is
+    /// empty but must stay.
     ///
     /// A group is left behind when the kernel still counted its last
     /// process at the moment its task ended (cgroup v1 releases a group
     /// shortly after its last process exits), or when an agent crashed.
-    pub fn sweep(&self, keep: &HashSet<String>) -> usize {
+    pub fn sweep(&self, ended: &HashSet<String>) -> usize {
         let mut removed = 0;
         for dir in self.own_dirs() {
-            let Ok(groups) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for group in groups.flatten() {
-                let named = group.file_name().to_str().map(str::to_string);
-                let is_dir = group.file_type().is_ok_and(|t| t.is_dir());
-                if !is_dir || named.is_none_or(|n| keep.contains(&n)) {
-                    continue;
-                }
-                if std::fs::remove_dir(group.path()).is_ok() {
+            for name in ended {
+                if std::fs::remove_dir(dir.join(name)).is_ok() {
                     removed += 1;
                 }
             }
@@ -581,15 +576,18 @@ mod tests {
             .unwrap();
         busy.join(sleeper.id()).unwrap();
 
-        let keep = HashSet::from(["t-starting-1".to_string()]);
-        let removed = cgroups.sweep(&keep);
+        let named = HashSet::from(["t-ended-1".to_string(), "t-busy-1".to_string()]);
+        let removed = cgroups.sweep(&named);
         assert_eq!(
             removed,
             ended.dirs.len(),
             "only the ended group's directories"
         );
         assert!(ended.dirs.iter().all(|d| !d.exists()));
-        assert!(starting.dirs.iter().all(|d| d.exists()), "kept");
+        assert!(
+            starting.dirs.iter().all(|d| d.exists()),
+            "not named: left alone"
+        );
         assert!(
             busy.dirs.iter().all(|d| d.exists()),
             "a group with a process stays"
@@ -600,14 +598,14 @@ mod tests {
         // Once its process is gone the busy group goes too (cgroup v1 may
         // take a moment to release it).
         for _ in 0..100 {
-            cgroups.sweep(&HashSet::new());
+            cgroups.sweep(&named);
             if busy.dirs.iter().all(|d| !d.exists()) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(busy.dirs.iter().all(|d| !d.exists()));
-        assert!(starting.dirs.iter().all(|d| !d.exists()));
+        starting.remove();
         cgroups.release();
         for dir in cgroups.own_dirs() {
             assert!(!dir.exists(), "{} left behind", dir.display());
