@@ -115,6 +115,12 @@ struct World {
     live: BTreeSet<String>,
     /// Tasks done for good, by when they ended: the next to forget first.
     ended: BTreeSet<(SystemTime, String)>,
+    /// Reports of tasks that have neither spec nor record, by when they
+    /// were first seen so: an agent that was away for longer than a task's
+    /// retention reports on a task forgotten meanwhile. Deleted after the
+    /// retention too (a report that only arrived before its task's spec
+    /// and record has them long before then).
+    orphans: BTreeMap<(String, u32), SystemTime>,
     /// When each task in `ended` ended (to find its entry there).
     ended_at: HashMap<String, SystemTime>,
     /// The newest revision the leader's listings read at. A delete newer
@@ -171,6 +177,14 @@ impl World {
                     (task.clone(), launch),
                     decoded(key, value),
                 );
+                let unknown = !self.specs.contains_key(&task) && !self.statuses.contains_key(&task);
+                if value.is_some() && unknown {
+                    self.orphans
+                        .entry((task.clone(), launch))
+                        .or_insert_with(SystemTime::now);
+                } else {
+                    self.orphans.remove(&(task.clone(), launch));
+                }
                 self.dirty.insert(task);
             }
             Item::KillRequest(task) => {
@@ -235,6 +249,28 @@ impl World {
     /// Keeps `live` and `ended` in step after a task's spec or record
     /// changed.
     fn refresh_live(&mut self, id: &str) {
+        if self.specs.contains_key(id) || self.statuses.contains_key(id) {
+            let known: Vec<(String, u32)> = self
+                .orphans
+                .range((id.to_string(), 0)..=(id.to_string(), u32::MAX))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in known {
+                self.orphans.remove(&k);
+            }
+        } else {
+            // Forgotten: any report left of it (one written after the
+            // forgetting deleted the reports) is an orphan from now on.
+            let left: Vec<(String, u32)> = self
+                .reports
+                .range((id.to_string(), 0)..=(id.to_string(), u32::MAX))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let now = SystemTime::now();
+            for k in left {
+                self.orphans.entry(k).or_insert(now);
+            }
+        }
         let ended = self
             .statuses
             .get(id)
@@ -672,6 +708,28 @@ impl Supervisor {
                     Err(e) if e.kind() == ErrorKind::Conflict => {}
                     Err(e) => {
                         world.forget_later(&f);
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            let orphans: Vec<(String, u32)> = world
+                .orphans
+                .iter()
+                .filter(|(_, seen)| **seen <= before)
+                .map(|(k, _)| k.clone())
+                .take(FORGET_PER_PASS)
+                .collect();
+            for (task, launch) in orphans {
+                match self
+                    .backend
+                    .kv()
+                    .delete(&store::report_key(&task, launch)?)
+                    .await
+                {
+                    Ok(_) => {
+                        world.orphans.remove(&(task, launch));
+                    }
+                    Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 }
@@ -1302,6 +1360,43 @@ mod tests {
             "the forgotten task came back"
         );
         assert_eq!(keys_of(&backend, &id.0).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_report_on_a_task_forgotten_meanwhile_is_deleted_after_the_retention() {
+        let (backend, _, known) = one_task_one_agent().await;
+        let report = |launch: u32, event: ReportEvent| Report {
+            agent: "a1".into(),
+            launch,
+            seq: 9,
+            event,
+        };
+        // An agent away for longer than the retention reports on a task
+        // that was forgotten meanwhile; another report is of a known task.
+        let orphan = store::report_key("t-forgotten", 2).unwrap();
+        store::put(
+            &backend,
+            &orphan,
+            &report(2, ReportEvent::Exited { code: 0 }),
+        )
+        .await
+        .unwrap();
+        let kept = store::report_key(&known.0, 1).unwrap();
+        store::put(&backend, &kept, &report(1, ReportEvent::Started))
+            .await
+            .unwrap();
+
+        let sup = retaining(&backend, Duration::from_millis(300));
+        let (mut world, _) = sup.load().await.unwrap();
+        sup.pass(&mut world, 1).await.unwrap();
+        assert!(
+            backend.kv().get(&orphan).await.unwrap().is_some(),
+            "kept for the retention"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sup.pass(&mut world, 1).await.unwrap();
+        assert!(backend.kv().get(&orphan).await.unwrap().is_none());
+        assert!(backend.kv().get(&kept).await.unwrap().is_some());
     }
 
     #[tokio::test]
