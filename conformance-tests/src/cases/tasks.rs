@@ -152,6 +152,49 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Implicit reconciliation, page by page; fails past `most` pages
+    /// (a reconciliation that never ends).
+    async fn reconcile_implicit(&self, most: usize) -> Result<Vec<Vec<TaskStatus>>, Fail> {
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .tasks
+                .reconcile(None, after.take())
+                .await
+                .ctx("implicit reconciliation")?;
+            pages.push(page.statuses);
+            ensure!(
+                pages.len() <= most,
+                "reconciliation never ends: {} pages",
+                pages.len()
+            );
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(pages),
+            }
+        }
+    }
+
+    /// Explicit reconciliation of `ids`: each task's id and state, in the
+    /// order answered, and whether a next page was offered.
+    async fn reconcile_explicit(
+        &self,
+        ids: Vec<TaskId>,
+    ) -> Result<(Vec<(TaskId, TaskState)>, bool), Fail> {
+        let page = self
+            .tasks
+            .reconcile(Some(ids), None)
+            .await
+            .ctx("explicit reconciliation")?;
+        let answered = page
+            .statuses
+            .iter()
+            .map(|s| (s.id.clone(), s.state))
+            .collect();
+        Ok((answered, page.next.is_some()))
+    }
+
     async fn status(&self, id: &TaskId) -> Result<TaskStatus, Fail> {
         self.tasks
             .status(id)
@@ -588,20 +631,9 @@ async fn reconcile_returns_every_task(ctx: Ctx) -> CaseResult {
         }
 
         let mut seen = BTreeSet::new();
-        let mut page = None;
-        let mut pages = 0;
-        loop {
-            let answer = c
-                .tasks
-                .reconcile(None, page.clone())
-                .await
-                .ctx("implicit reconciliation")?;
-            pages += 1;
-            ensure!(
-                pages <= launched.len(),
-                "reconciliation never ends: {pages} pages"
-            );
-            for s in answer.statuses {
+        let pages = c.reconcile_implicit(launched.len()).await?;
+        for page in &pages {
+            for s in page {
                 ensure!(
                     seen.insert(s.id.clone()),
                     "implicit reconciliation gave task {} twice",
@@ -618,12 +650,12 @@ async fn reconcile_returns_every_task(ctx: Ctx) -> CaseResult {
                     ensure_eq!(s.state, state, "reconciled state of task {}", s.id);
                 }
             }
-            match answer.next {
-                Some(next) => page = Some(next),
-                None => break,
-            }
         }
-        ensure!(pages > 1, "{} tasks came back on one page", seen.len());
+        ensure!(
+            pages.len() > 1,
+            "{} tasks came back on one page",
+            seen.len()
+        );
         let missing: Vec<_> = launched.difference(&seen).collect();
         ensure!(
             missing.is_empty(),
@@ -641,19 +673,9 @@ async fn reconcile_returns_every_task(ctx: Ctx) -> CaseResult {
             &[ErrorKind::NotFound],
             "status of an unknown task",
         )?;
-        let explicit = c
-            .tasks
-            .reconcile(
-                Some(vec![failing.clone(), unknown.clone(), ok.clone()]),
-                None,
-            )
-            .await
-            .ctx("explicit reconciliation")?;
-        let answered: Vec<(TaskId, TaskState)> = explicit
-            .statuses
-            .iter()
-            .map(|s| (s.id.clone(), s.state))
-            .collect();
+        let (answered, next) = c
+            .reconcile_explicit(vec![failing.clone(), unknown.clone(), ok.clone()])
+            .await?;
         ensure_eq!(
             answered,
             vec![
@@ -663,10 +685,7 @@ async fn reconcile_returns_every_task(ctx: Ctx) -> CaseResult {
             ],
             "explicit reconciliation"
         );
-        ensure!(
-            explicit.next.is_none(),
-            "explicit reconciliation has a next page"
-        );
+        ensure!(!next, "explicit reconciliation has a next page");
         Ok(())
     }
     .await;
@@ -709,16 +728,7 @@ async fn done_task_forgotten_after_retention(ctx: Ctx) -> CaseResult {
             "task {done} was forgotten {known_for:?} after it ended, before the retention of {SHORT_RETENTION:?}"
         );
 
-        let explicit = c
-            .tasks
-            .reconcile(Some(vec![done.clone(), running.clone()]), None)
-            .await
-            .ctx("explicit reconciliation")?;
-        let answered: Vec<(TaskId, TaskState)> = explicit
-            .statuses
-            .iter()
-            .map(|s| (s.id.clone(), s.state))
-            .collect();
+        let (answered, _) = c.reconcile_explicit(vec![done.clone(), running.clone()]).await?;
         ensure_eq!(
             answered,
             vec![
@@ -727,20 +737,13 @@ async fn done_task_forgotten_after_retention(ctx: Ctx) -> CaseResult {
             ],
             "explicit reconciliation"
         );
-        let mut seen = BTreeSet::new();
-        let mut page = None;
-        loop {
-            let answer = c
-                .tasks
-                .reconcile(None, page.clone())
-                .await
-                .ctx("implicit reconciliation")?;
-            seen.extend(answer.statuses.into_iter().map(|s| s.id));
-            match answer.next {
-                Some(next) => page = Some(next),
-                None => break,
-            }
-        }
+        let seen: BTreeSet<TaskId> = c
+            .reconcile_implicit(2)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|s| s.id)
+            .collect();
         ensure_eq!(
             seen,
             BTreeSet::from([running.clone()]),

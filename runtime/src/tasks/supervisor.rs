@@ -1215,20 +1215,7 @@ mod tests {
         let running = client.launch(noop()).await.unwrap();
         let sup = supervisor(&backend);
         sup.reconcile(1).await.unwrap();
-        let report = Report {
-            agent: "a1".into(),
-            launch: 1,
-            seq: 1,
-            event: ReportEvent::Exited { code: 0 },
-        };
-        store::put(&backend, &store::report_key(&done.0, 1).unwrap(), &report)
-            .await
-            .unwrap();
-        sup.reconcile(1).await.unwrap();
-        assert_eq!(
-            client.status(&done).await.unwrap().state,
-            TaskState::Finished
-        );
+        finish(&backend, &sup, &client, &done).await;
 
         let (mut world, _) = sup.load().await.unwrap();
         assert_eq!(world.live, BTreeSet::from([running.0.clone()]));
@@ -1249,6 +1236,27 @@ mod tests {
             .unwrap();
         world.apply(&store::agent_key("a1").unwrap(), Some(&agent), version);
         assert_eq!(world.dirty, BTreeSet::from([running.0]));
+    }
+
+    /// Agent a1 reports that launch 1 of `id` exited with 0, and a pass of
+    /// `sup` makes the task FINISHED.
+    async fn finish(
+        backend: &Backend,
+        sup: &Supervisor,
+        client: &crate::tasks::client::TasksClient,
+        id: &dprim::TaskId,
+    ) {
+        let report = Report {
+            agent: "a1".into(),
+            launch: 1,
+            seq: 1,
+            event: ReportEvent::Exited { code: 0 },
+        };
+        store::put(backend, &store::report_key(&id.0, 1).unwrap(), &report)
+            .await
+            .unwrap();
+        sup.reconcile(1).await.unwrap();
+        assert_eq!(client.status(id).await.unwrap().state, TaskState::Finished);
     }
 
     /// Every key under `_dprim/tasks` that names task `id`.
@@ -1275,20 +1283,7 @@ mod tests {
         let live = client.launch(noop()).await.unwrap();
         let sup = retaining(&backend, Duration::from_millis(300));
         sup.reconcile(1).await.unwrap();
-        let report = Report {
-            agent: "a1".into(),
-            launch: 1,
-            seq: 1,
-            event: ReportEvent::Exited { code: 0 },
-        };
-        store::put(&backend, &store::report_key(&done.0, 1).unwrap(), &report)
-            .await
-            .unwrap();
-        sup.reconcile(1).await.unwrap();
-        assert_eq!(
-            client.status(&done).await.unwrap().state,
-            TaskState::Finished
-        );
+        finish(&backend, &sup, &client, &done).await;
         // Within the retention a pass keeps it.
         sup.reconcile(1).await.unwrap();
         assert!(client.status(&done).await.is_ok());
@@ -1314,17 +1309,7 @@ mod tests {
         let (backend, client, id) = one_task_one_agent().await;
         let keeper = supervisor(&backend);
         keeper.reconcile(1).await.unwrap();
-        let report = Report {
-            agent: "a1".into(),
-            launch: 1,
-            seq: 1,
-            event: ReportEvent::Exited { code: 0 },
-        };
-        store::put(&backend, &store::report_key(&id.0, 1).unwrap(), &report)
-            .await
-            .unwrap();
-        keeper.reconcile(1).await.unwrap();
-        assert_eq!(client.status(&id).await.unwrap().state, TaskState::Finished);
+        finish(&backend, &keeper, &client, &id).await;
         let (mut world, since) = keeper.load().await.unwrap();
         let mut changes = keeper.watch(since).await.unwrap();
 
