@@ -177,6 +177,8 @@ pub struct ReconcilePage {
 /// - An agent that was cut off longer than its session TTL (paused, or
 ///   partitioned) and comes back kills the tasks that were replaced while
 ///   it was away.
+/// - An agent whose session ended before it started a task assigned to it,
+///   and that comes back before the task is declared GONE, starts it then.
 /// - When the leading supervisor dies, a standby takes over, and no task is
 ///   lost or launched twice.
 #[async_trait]

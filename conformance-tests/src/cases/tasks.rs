@@ -64,6 +64,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "An agent that was cut off longer than its session TTL (paused, or partitioned) and comes back kills the tasks that were replaced while it was away."
         ),
         case!(
+            "tasks::agent_back_in_time_starts_its_assignment",
+            agent_back_in_time_starts_its_assignment,
+            [Requirement::TaskCluster],
+            "An agent whose session ended before it started a task assigned to it, and that comes back before the task is declared GONE, starts it then."
+        ),
+        case!(
             "tasks::supervisor_failover_loses_nothing",
             supervisor_failover_loses_nothing,
             [Requirement::TaskCluster],
@@ -553,6 +559,35 @@ async fn paused_agent_kills_replaced_task(ctx: Ctx) -> CaseResult {
                 == Some(true),
             "the replacement on {replacement} does not run any more"
         );
+        Ok(())
+    }
+    .await;
+    c.finish(result).await
+}
+
+async fn agent_back_in_time_starts_its_assignment(ctx: Ctx) -> CaseResult {
+    let mut c = Cluster::start(&ctx).await?;
+    let result = async {
+        c.supervisor("s1").await?;
+        c.agent("a1", 1.0, "z1").await?;
+        c.inner.pause_agent("a1").await.ctx("pause agent a1")?;
+        // Placed on a1, still registered, which cannot start it now.
+        let id = c.launch(shell("exit 0", 1.0)).await?;
+        c.wait(&id, "was assigned to a1", |s| {
+            s.state == TaskState::Starting && s.agent.as_deref() == Some("a1")
+        })
+        .await?;
+        // a1's session ends: the assigned task is UNREACHABLE...
+        c.wait_state(&id, TaskState::Unreachable).await?;
+        // ...and a1 comes back before it is declared GONE.
+        c.inner.resume_agent("a1").await.ctx("resume agent a1")?;
+        let end = c.wait(&id, "ended", |s| s.state.is_terminal()).await?;
+        ensure!(
+            end.state == TaskState::Finished && end.agent.as_deref() == Some("a1"),
+            "the task assigned to a1 before its session ended is {}, not FINISHED on a1",
+            show(&end)
+        );
+        ensure_eq!(c.launches(&id).await?.len(), 1, "launches of task {id}");
         Ok(())
     }
     .await;
