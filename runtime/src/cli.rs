@@ -161,14 +161,16 @@ their exit code; nothing is launched twice.")]
         command: AgentsCommand,
     },
     /// Run a supervisor: campaign, and while leader place tasks and track agents.
-    #[command(long_about = "Run a supervisor: campaign, and while leader place tasks and track agents.
+    #[command(
+        long_about = "Run a supervisor: campaign, and while leader place tasks and track agents.
 
 Several supervisors may run on one backend; one is elected and the others
 stand by. The leader places waiting tasks on agents with room for them,
 marks the tasks of an agent whose session ended UNREACHABLE, then GONE
 after --gone-timeout, relaunches them per their restart policy, and forgets
 a task that is done for good once --task-retention has passed (its status
-is then unknown to `dprim task status`).")]
+is then unknown to `dprim task status`)."
+    )]
     Supervisor(SupervisorArgs),
     /// A one-process demo cluster: a supervisor and three agents run a small
     /// workload; one agent crashes midway and its task moves.
