@@ -36,8 +36,14 @@ async fn main() {
         Ok(path) => Config::from_file(std::path::Path::new(&path)).unwrap(),
         Err(_) => Config::memory(),
     };
+    // DPRIM_BENCH_NAMESPACE and DPRIM_BENCH_SUPERVISOR=external let a
+    // supervisor run as its own process (`dprim supervisor` on the same
+    // namespace), so its CPU time can be told apart from the agents'.
+    let external_supervisor =
+        std::env::var("DPRIM_BENCH_SUPERVISOR").is_ok_and(|v| v == "external");
     let config = {
-        let ns = format!("bench-tasks-{}", std::process::id());
+        let ns = std::env::var("DPRIM_BENCH_NAMESPACE")
+            .unwrap_or_else(|_| format!("bench-tasks-{}", std::process::id()));
         let mut c = config;
         c.backend = c.backend.with_namespace(ns);
         c
@@ -64,7 +70,10 @@ async fn main() {
             task_retention: dprim_runtime::tasks::supervisor::DEFAULT_TASK_RETENTION,
         },
     );
-    let mut handles = vec![tokio::spawn(sup.run(stopped(stop_rx.clone())))];
+    let mut handles = Vec::new();
+    if !external_supervisor {
+        handles.push(tokio::spawn(sup.run(stopped(stop_rx.clone()))));
+    }
     for i in 0..AGENTS {
         let agent = Agent::new(
             backend.clone(),
