@@ -920,9 +920,6 @@ impl Runner {
 }
 
 impl Runner {
-    /// Deletes the sandboxes of launches that ended more than the sandbox
-    /// retention ago, at most every [`SANDBOX_SWEEP`] (sooner for a short
-    /// retention).
     /// The sandboxes of the launches this agent runs or is starting.
     fn live_sandboxes(&self) -> HashSet<PathBuf> {
         self.checkpoint
@@ -945,6 +942,10 @@ impl Runner {
         }
     }
 
+    /// Deletes the sandboxes of launches that ended more than the sandbox
+    /// retention ago (and control groups the kernel was still releasing
+    /// when their task ended), at most every [`SANDBOX_SWEEP`] (sooner for
+    /// a short retention).
     fn sweep_sandboxes_when_due(&mut self) {
         let every =
             (self.config.sandbox_retention / 2).clamp(Duration::from_millis(100), SANDBOX_SWEEP);
