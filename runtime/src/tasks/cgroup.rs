@@ -557,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sweep_removes_empty_task_groups_but_not_kept_or_busy_ones() {
+    fn a_sweep_removes_only_named_groups_with_no_process_left() {
         let agent = format!("test-sweep-{}", std::process::id());
         let cgroups = match Cgroups::detect(&agent) {
             Ok(c) => c,
