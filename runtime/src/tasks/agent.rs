@@ -957,8 +957,11 @@ impl Runner {
             return;
         };
         let keep = self.live_sandboxes();
-        self.sweep_cgroups(&keep);
-        let removed = sweep_sandboxes(&self.config.work_dir, &keep, before);
+        // A walk over every sandbox: off the async workers as well.
+        let removed = off_the_runtime(|| {
+            self.sweep_cgroups(&keep);
+            sweep_sandboxes(&self.config.work_dir, &keep, before)
+        });
         if removed > 0 {
             tracing::info!(removed, "deleted the sandboxes of launches that ended longer than the sandbox retention ago");
         }
