@@ -1281,7 +1281,7 @@ mod tests {
     async fn a_task_done_for_good_is_forgotten_after_the_retention_and_a_live_one_is_not() {
         let (backend, client, done) = one_task_one_agent().await;
         let live = client.launch(noop()).await.unwrap();
-        let sup = retaining(&backend, Duration::from_millis(300));
+        let sup = retaining(&backend, Duration::from_secs(1));
         sup.reconcile(1).await.unwrap();
         finish(&backend, &sup, &client, &done).await;
         // Within the retention a pass keeps it.
@@ -1289,7 +1289,7 @@ mod tests {
         assert!(client.status(&done).await.is_ok());
         assert!(!keys_of(&backend, &done.0).await.is_empty());
 
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         sup.reconcile(1).await.unwrap();
         let err = client.status(&done).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
@@ -1371,14 +1371,14 @@ mod tests {
             .await
             .unwrap();
 
-        let sup = retaining(&backend, Duration::from_millis(300));
+        let sup = retaining(&backend, Duration::from_secs(1));
         let (mut world, _) = sup.load().await.unwrap();
         sup.pass(&mut world, 1).await.unwrap();
         assert!(
             backend.kv().get(&orphan).await.unwrap().is_some(),
             "kept for the retention"
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         sup.pass(&mut world, 1).await.unwrap();
         assert!(backend.kv().get(&orphan).await.unwrap().is_none());
         assert!(backend.kv().get(&kept).await.unwrap().is_some());
