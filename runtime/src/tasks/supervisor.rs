@@ -123,6 +123,12 @@ struct World {
     orphans: BTreeMap<(String, u32), SystemTime>,
     /// When each task in `ended` ended (to find its entry there).
     ended_at: HashMap<String, SystemTime>,
+    /// What each task placed on an agent (STARTING, RUNNING or
+    /// UNREACHABLE) counts against it, and the sums per agent: kept up to
+    /// date with every change, so placement does not add up every live
+    /// task on every pass.
+    placed: HashMap<String, (String, Resources)>,
+    used: HashMap<String, Used>,
     /// The newest revision the leader's listings read at. A delete newer
     /// than this cannot be followed by an older change of the same key
     /// (the watch is past the listings' overlap), so the key's entry in
@@ -249,6 +255,7 @@ impl World {
     /// Keeps `live` and `ended` in step after a task's spec or record
     /// changed.
     fn refresh_live(&mut self, id: &str) {
+        self.recount(id);
         if self.specs.contains_key(id) || self.statuses.contains_key(id) {
             let known: Vec<(String, u32)> = self
                 .orphans
@@ -339,31 +346,112 @@ impl World {
         }
     }
 
-    /// Every agent as placement sees it, with what its placed tasks use.
-    fn agent_views(&self) -> Vec<AgentView> {
-        let mut used: BTreeMap<&str, Resources> = BTreeMap::new();
-        for id in &self.live {
-            let (Some((s, _)), Some(spec)) = (self.statuses.get(id), self.specs.get(id)) else {
-                continue;
-            };
-            if matches!(
-                s.record.state,
-                TaskState::Starting | TaskState::Running | TaskState::Unreachable
-            ) {
-                if let Some(agent) = &s.record.agent {
-                    add(used.entry(agent.as_str()).or_default(), &spec.resources);
+    /// Moves task `id`'s share of an agent's resources to where its spec
+    /// and record now put it.
+    fn recount(&mut self, id: &str) {
+        let now = match (self.statuses.get(id), self.specs.get(id)) {
+            (Some((s, _)), Some(spec))
+                if matches!(
+                    s.record.state,
+                    TaskState::Starting | TaskState::Running | TaskState::Unreachable
+                ) =>
+            {
+                s.record
+                    .agent
+                    .clone()
+                    .map(|agent| (agent, spec.resources.clone()))
+            }
+            _ => None,
+        };
+        if self.placed.get(id) == now.as_ref() {
+            return;
+        }
+        if let Some((agent, r)) = self.placed.remove(id) {
+            if let Some(used) = self.used.get_mut(&agent) {
+                used.remove(&r);
+                if used.is_empty() {
+                    self.used.remove(&agent);
                 }
             }
         }
+        if let Some((agent, r)) = now {
+            self.used.entry(agent.clone()).or_default().add(&r);
+            self.placed.insert(id.to_string(), (agent, r));
+        }
+    }
+
+    /// Every agent as placement sees it, with what its placed tasks use.
+    fn agent_views(&self) -> Vec<AgentView> {
         self.agents
             .values()
             .map(|a| AgentView {
                 id: a.id.clone(),
                 total: a.resources.clone(),
-                used: used.remove(a.id.as_str()).unwrap_or_default(),
+                used: self
+                    .used
+                    .get(&a.id)
+                    .map(Used::resources)
+                    .unwrap_or_default(),
                 attributes: a.attributes.clone(),
             })
             .collect()
+    }
+}
+
+/// Resources in use on one agent, summed exactly (CPUs in millionths), so
+/// that adding and removing tasks for as long as the supervisor leads
+/// leaves no rounding behind.
+#[derive(Default)]
+struct Used {
+    micro_cpus: i64,
+    mem_bytes: i128,
+    disk_bytes: i128,
+    /// Ports and how many placed tasks hold each.
+    ports: BTreeMap<u16, u32>,
+    tasks: u64,
+}
+
+fn micro(cpus: f64) -> i64 {
+    (cpus * 1e6).round() as i64
+}
+
+impl Used {
+    fn add(&mut self, r: &Resources) {
+        self.micro_cpus += micro(r.cpus);
+        self.mem_bytes += i128::from(r.mem_bytes);
+        self.disk_bytes += i128::from(r.disk_bytes);
+        for p in &r.ports {
+            *self.ports.entry(*p).or_default() += 1;
+        }
+        self.tasks += 1;
+    }
+
+    fn remove(&mut self, r: &Resources) {
+        self.micro_cpus -= micro(r.cpus);
+        self.mem_bytes -= i128::from(r.mem_bytes);
+        self.disk_bytes -= i128::from(r.disk_bytes);
+        for p in &r.ports {
+            if let Some(n) = self.ports.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.ports.remove(p);
+                }
+            }
+        }
+        self.tasks = self.tasks.saturating_sub(1);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks == 0
+    }
+
+    fn resources(&self) -> Resources {
+        Resources {
+            cpus: self.micro_cpus.max(0) as f64 / 1e6,
+            mem_bytes: u64::try_from(self.mem_bytes.max(0)).unwrap_or(u64::MAX),
+            disk_bytes: u64::try_from(self.disk_bytes.max(0)).unwrap_or(u64::MAX),
+            ports: self.ports.keys().copied().collect(),
+        }
     }
 }
 
@@ -1382,6 +1470,30 @@ mod tests {
         sup.pass(&mut world, 1).await.unwrap();
         assert!(backend.kv().get(&orphan).await.unwrap().is_none());
         assert!(backend.kv().get(&kept).await.unwrap().is_some());
+    }
+
+    #[test]
+    fn resources_in_use_add_up_exactly_however_often_tasks_come_and_go() {
+        let task = Resources {
+            cpus: 0.1,
+            mem_bytes: 3,
+            disk_bytes: 5,
+            ports: vec![8080],
+        };
+        let mut used = Used::default();
+        for _ in 0..1_000_000 {
+            used.add(&task);
+            used.add(&task);
+            used.remove(&task);
+            used.remove(&task);
+        }
+        assert!(used.is_empty());
+        assert_eq!(used.resources(), Resources::default());
+        for _ in 0..3 {
+            used.add(&task);
+        }
+        let r = used.resources();
+        assert_eq!((r.cpus, r.mem_bytes, r.ports), (0.3, 9, vec![8080]));
     }
 
     #[tokio::test]
