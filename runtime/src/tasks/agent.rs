@@ -355,9 +355,9 @@ impl Drop for Runner {
     /// left in it (the kernel refuses otherwise; a task still running keeps
     /// it for the next agent).
     fn drop(&mut self) {
-        // Groups of ended tasks the kernel was still releasing go first.
-        self.sweep_cgroups(&self.live_sandboxes());
         if let Enforcement::Cgroup { cgroups } = &self.enforcement {
+            // Groups of ended tasks the kernel was still releasing go first.
+            self.sweep_cgroups(&self.ended_sandboxes());
             cgroups.release();
         }
     }
@@ -920,25 +920,25 @@ impl Runner {
 }
 
 impl Runner {
-    /// The sandboxes of the launches this agent runs or is starting.
-    fn live_sandboxes(&self) -> HashSet<PathBuf> {
-        self.checkpoint
+    /// The sandboxes in the work dir of launches this agent neither runs
+    /// nor is starting.
+    fn ended_sandboxes(&self) -> Vec<PathBuf> {
+        let live: HashSet<PathBuf> = self
+            .checkpoint
             .state
             .tasks
             .values()
             .map(|l| l.sandbox.clone())
-            .collect()
+            .collect();
+        sandboxes_except(&self.config.work_dir, &live)
     }
 
-    /// Removes the control groups of this agent's ended launches that are
-    /// still there (see [`Cgroups::sweep`]).
-    fn sweep_cgroups(&self, live: &HashSet<PathBuf>) {
+    /// Removes the control groups of the `ended` launches that are still
+    /// there (see [`Cgroups::sweep`]).
+    fn sweep_cgroups(&self, ended: &[PathBuf]) {
         if let Enforcement::Cgroup { cgroups } = &self.enforcement {
-            let ended: HashSet<String> = ended_sandboxes(&self.config.work_dir, live)
-                .iter()
-                .map(|s| process::cgroup_name(s))
-                .collect();
-            cgroups.sweep(&ended);
+            let names: HashSet<String> = ended.iter().map(|s| process::cgroup_name(s)).collect();
+            cgroups.sweep(&names);
         }
     }
 
@@ -956,11 +956,11 @@ impl Runner {
         let Some(before) = SystemTime::now().checked_sub(self.config.sandbox_retention) else {
             return;
         };
-        let keep = self.live_sandboxes();
         // A walk over every sandbox: off the async workers as well.
         let removed = off_the_runtime(|| {
-            self.sweep_cgroups(&keep);
-            sweep_sandboxes(&self.config.work_dir, &keep, before)
+            let ended = self.ended_sandboxes();
+            self.sweep_cgroups(&ended);
+            sweep_sandboxes(&ended, before)
         });
         if removed > 0 {
             tracing::info!(removed, "deleted the sandboxes of launches that ended longer than the sandbox retention ago");
@@ -968,15 +968,14 @@ impl Runner {
     }
 }
 
-/// Deletes every sandbox (`<work_dir>/<task>/<launch>`) not in `keep` whose
-/// newest change (the directory or a file in it: output, exit code) is
-/// older than `before`, and task directories left empty. Returns how many
-/// sandboxes went. Anything else in the work dir is left alone.
-fn sweep_sandboxes(work_dir: &Path, keep: &HashSet<PathBuf>, before: SystemTime) -> usize {
+/// Deletes each of the `ended` sandboxes whose newest change (the
+/// directory or a file in it: output, exit code) is older than `before`,
+/// and task directories left empty. Returns how many sandboxes went.
+fn sweep_sandboxes(ended: &[PathBuf], before: SystemTime) -> usize {
     let mut removed = 0;
-    for sandbox in ended_sandboxes(work_dir, keep) {
-        if newest_change(&sandbox).is_some_and(|at| at < before) {
-            match std::fs::remove_dir_all(&sandbox) {
+    for sandbox in ended {
+        if newest_change(sandbox).is_some_and(|at| at < before) {
+            match std::fs::remove_dir_all(sandbox) {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot delete an old sandbox")
@@ -992,8 +991,8 @@ fn sweep_sandboxes(work_dir: &Path, keep: &HashSet<PathBuf>, before: SystemTime)
 }
 
 /// Every sandbox (`<work_dir>/<task>/<launch>`) in the work dir that is
-/// not in `live`.
-fn ended_sandboxes(work_dir: &Path, live: &HashSet<PathBuf>) -> Vec<PathBuf> {
+/// not in `live`. Anything else in the work dir is not a sandbox.
+fn sandboxes_except(work_dir: &Path, live: &HashSet<PathBuf>) -> Vec<PathBuf> {
     let mut ended = Vec::new();
     let Ok(tasks) = std::fs::read_dir(work_dir) else {
         return ended;
@@ -1111,14 +1110,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_sweep_removes_only_the_control_groups_of_this_agents_ended_launches() {
-        let cgroups =
-            match crate::tasks::cgroup::Cgroups::detect(&format!("sweep-{}", std::process::id())) {
-                Ok(c) => c,
-                Err(why) => {
-                    eprintln!("no usable control groups here ({why}); nothing to check");
-                    return;
-                }
-            };
+        let Some(cgroups) = crate::tasks::cgroup::usable_here("sweep-") else {
+            return;
+        };
         let b = memory();
         let dir = work("cgroup-sweep");
         let (mut r, _exits) = runner(&b, &dir);
@@ -1132,7 +1126,7 @@ mod tests {
         // just made a group for; its wrapper has not joined it yet.
         let theirs = cgroups.create("t-theirs-1", &Resources::default()).unwrap();
 
-        r.sweep_cgroups(&r.live_sandboxes());
+        r.sweep_cgroups(&r.ended_sandboxes());
         assert!(mine.procs_files().iter().all(|p| !p.exists()), "removed");
         assert!(
             theirs.procs_files().iter().all(|p| p.exists()),
@@ -1164,12 +1158,15 @@ mod tests {
 
         // Nothing has ended long enough ago.
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        assert_eq!(sweep_sandboxes(&dir, &keep, an_hour_ago), 0);
+        assert_eq!(
+            sweep_sandboxes(&sandboxes_except(&dir, &keep), an_hour_ago),
+            0
+        );
         assert!(ended.exists() && relaunched_old.exists());
 
         // Everything not kept has, now.
         let later = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(sweep_sandboxes(&dir, &keep, later), 2);
+        assert_eq!(sweep_sandboxes(&sandboxes_except(&dir, &keep), later), 2);
         assert!(!ended.exists() && !dir.join("t-ended").exists());
         assert!(!relaunched_old.exists());
         assert!(running.join("stdout").exists(), "a kept sandbox stays");

@@ -453,6 +453,20 @@ impl TaskCgroup {
     }
 }
 
+/// This machine's groups for a test agent named `prefix<pid>`, or `None`
+/// (saying why) where the agent may not make groups: such a test then has
+/// nothing to check.
+#[cfg(test)]
+pub(crate) fn usable_here(prefix: &str) -> Option<Cgroups> {
+    match Cgroups::detect(&format!("{prefix}{}", std::process::id())) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!("no usable control groups here ({why}); nothing to check");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -507,13 +521,8 @@ mod tests {
     /// limit is stopped by the kernel, and the group counts it.
     #[test]
     fn a_task_over_its_memory_limit_is_stopped_where_groups_can_be_made() {
-        let agent = format!("test-{}", std::process::id());
-        let cgroups = match Cgroups::detect(&agent) {
-            Ok(c) => c,
-            Err(why) => {
-                eprintln!("no usable control groups here ({why}); nothing to check");
-                return;
-            }
+        let Some(cgroups) = usable_here("test-") else {
+            return;
         };
         let resources = Resources {
             cpus: 0.5,
@@ -558,13 +567,8 @@ mod tests {
 
     #[test]
     fn a_sweep_removes_only_named_groups_with_no_process_left() {
-        let agent = format!("test-sweep-{}", std::process::id());
-        let cgroups = match Cgroups::detect(&agent) {
-            Ok(c) => c,
-            Err(why) => {
-                eprintln!("no usable control groups here ({why}); nothing to check");
-                return;
-            }
+        let Some(cgroups) = usable_here("test-sweep-") else {
+            return;
         };
         let none = Resources::default();
         let ended = cgroups.create("t-ended-1", &none).unwrap();

@@ -168,13 +168,13 @@ impl World {
         match item {
             Item::Spec(task) => {
                 set(&mut self.specs, task.clone(), decoded(key, value));
-                self.refresh_live(&task);
+                self.reindex(&task);
                 self.dirty.insert(task);
             }
             Item::Status(task) => {
                 let rec = decoded(key, value).map(|rec| (rec, version));
                 set(&mut self.statuses, task.clone(), rec);
-                self.refresh_live(&task);
+                self.reindex(&task);
                 self.dirty.insert(task);
             }
             Item::Report(task, launch) => {
@@ -249,12 +249,13 @@ impl World {
     /// Sets a task's record as the picture holds it.
     fn set_status(&mut self, id: String, rec: StatusRecord, version: Version) {
         self.statuses.insert(id.clone(), (rec, version));
-        self.refresh_live(&id);
+        self.reindex(&id);
     }
 
-    /// Keeps `live` and `ended` in step after a task's spec or record
-    /// changed.
-    fn refresh_live(&mut self, id: &str) {
+    /// Keeps what the picture derives from a task's spec and record in
+    /// step after either changed: its share of an agent's resources,
+    /// whether its reports are orphans, and whether it is live or ended.
+    fn reindex(&mut self, id: &str) {
         self.recount(id);
         if self.specs.contains_key(id) || self.statuses.contains_key(id) {
             let known: Vec<(String, u32)> = self
