@@ -33,20 +33,40 @@ impl Op {
 
 const VALUE: [u8; 128] = [b'x'; 128];
 static ROUND: AtomicUsize = AtomicUsize::new(0);
+/// Throughput rounds per side.
+const PAIRS: usize = 5;
 
-async fn sequential<F, Fut>(n: usize, mut f: F) -> Duration
+/// Sequential latency of raw and dprim, one operation of each in turn
+/// (which goes first alternates), so both see the same server and machine
+/// load at the same moments: the p50 of each side.
+async fn interleaved_p50<R, RF, D, DF>(n: usize, mut raw: R, mut dprim: D) -> (Duration, Duration)
 where
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = ()>,
+    R: FnMut(usize) -> RF,
+    RF: Future<Output = ()>,
+    D: FnMut(usize) -> DF,
+    DF: Future<Output = ()>,
 {
-    let mut lat = Vec::with_capacity(n);
+    let (mut r, mut d) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
-        let t = Instant::now();
-        f(i).await;
-        lat.push(t.elapsed());
+        if i % 2 == 0 {
+            let t = Instant::now();
+            raw(i).await;
+            r.push(t.elapsed());
+            let t = Instant::now();
+            dprim(i).await;
+            d.push(t.elapsed());
+        } else {
+            let t = Instant::now();
+            dprim(i).await;
+            d.push(t.elapsed());
+            let t = Instant::now();
+            raw(i).await;
+            r.push(t.elapsed());
+        }
     }
-    lat.sort();
-    lat[n / 2]
+    r.sort();
+    d.sort();
+    (r[n / 2], d[n / 2])
 }
 
 async fn concurrent<F, Fut>(n: usize, f: F) -> f64
@@ -138,26 +158,21 @@ async fn dprim_op(b: Backend, op: Op, round: usize, i: usize) {
     }
 }
 
-async fn measure_raw(c: &Client, op: Op, n: usize, seq: bool) -> f64 {
+async fn measure_raw(c: &Client, op: Op, n: usize) -> f64 {
     let round = ROUND.fetch_add(1, Ordering::Relaxed);
-    if seq {
-        let p50 = sequential(n, |i| raw_op(c.clone(), op, round, i)).await;
-        p50.as_secs_f64() * 1e3
-    } else {
-        let c = c.clone();
-        concurrent(n, move |i| raw_op(c.clone(), op, round, i)).await
-    }
+    let c = c.clone();
+    concurrent(n, move |i| raw_op(c.clone(), op, round, i)).await
 }
 
-async fn measure_dprim(b: &Backend, op: Op, n: usize, seq: bool) -> f64 {
+async fn measure_dprim(b: &Backend, op: Op, n: usize) -> f64 {
     let round = ROUND.fetch_add(1, Ordering::Relaxed);
-    if seq {
-        let p50 = sequential(n, |i| dprim_op(b.clone(), op, round, i)).await;
-        p50.as_secs_f64() * 1e3
-    } else {
-        let b = b.clone();
-        concurrent(n, move |i| dprim_op(b.clone(), op, round, i)).await
-    }
+    let b = b.clone();
+    concurrent(n, move |i| dprim_op(b.clone(), op, round, i)).await
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 #[tokio::main]
@@ -194,28 +209,51 @@ async fn main() {
             .await
             .unwrap();
     }
-    println!("zookeeper at {endpoint}, {n} ops per measurement, 128-byte values; raw and dprim alternate, best of 3");
+    println!(
+        "zookeeper at {endpoint}, 128-byte values; p50 over {n} sequential ops per side, raw and dprim in turn; \
+         throughput over {} ops with 64 in flight, {PAIRS} pairs of rounds, medians and the median pair's ratio (range)",
+        n * 4
+    );
     println!(
         "{:<6} {:>14} {:>14} {:>7}   {:>16} {:>16} {:>7}",
         "op", "raw p50 ms", "dprim p50 ms", "ratio", "raw ops/s (64)", "dprim ops/s (64)", "ratio"
     );
     for op in [Op::Create, Op::Get, Op::Cas] {
-        let (mut rp, mut dp, mut rt, mut dt) = (f64::MAX, f64::MAX, 0f64, 0f64);
-        for _ in 0..3 {
-            rp = rp.min(measure_raw(&raw, op, n, true).await);
-            dp = dp.min(measure_dprim(&backend, op, n, true).await);
-            rt = rt.max(measure_raw(&raw, op, n * 4, false).await);
-            dt = dt.max(measure_dprim(&backend, op, n * 4, false).await);
+        let round = ROUND.fetch_add(1, Ordering::Relaxed);
+        let (rp, dp) = interleaved_p50(
+            n,
+            |i| raw_op(raw.clone(), op, round, i),
+            |i| dprim_op(backend.clone(), op, round, i),
+        )
+        .await;
+        let (rp, dp) = (rp.as_secs_f64() * 1e3, dp.as_secs_f64() * 1e3);
+        // Throughput rounds in pairs, the side that goes first alternating;
+        // each pair's ratio compares the two sides under the same load.
+        let (mut rts, mut dts, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in 0..PAIRS {
+            let (rt, dt) = if pair % 2 == 0 {
+                let rt = measure_raw(&raw, op, n * 4).await;
+                (rt, measure_dprim(&backend, op, n * 4).await)
+            } else {
+                let dt = measure_dprim(&backend, op, n * 4).await;
+                (measure_raw(&raw, op, n * 4).await, dt)
+            };
+            rts.push(rt);
+            dts.push(dt);
+            ratios.push(dt / rt);
         }
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
         println!(
-            "{:<6} {:>14.3} {:>14.3} {:>6.3}x   {:>16.0} {:>16.0} {:>6.3}x",
+            "{:<6} {:>14.3} {:>14.3} {:>6.3}x   {:>16.0} {:>16.0} {:>6.3}x  ({lo:.3}-{hi:.3})",
             op.name(),
             rp,
             dp,
             dp / rp,
-            rt,
-            dt,
-            dt / rt
+            median(rts),
+            median(dts),
+            median(ratios),
         );
     }
 }
