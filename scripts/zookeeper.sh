@@ -9,12 +9,16 @@
 #
 # Data, config, logs and pid files live under $DPRIM_SERVERS_DIR (default
 # /tmp/dprim-servers)/zookeeper. $DPRIM_ZK_PORT overrides the standalone
-# client port. Test servers use tickTime=500 so sessions down to 1 s are
+# client port; $DPRIM_ZK_CONF_EXTRA names a file whose lines are appended to
+# the standalone server's zoo.cfg (e.g. a TLS client port, see the
+# backend's TLS test). Test servers use tickTime=500 so sessions down to 1 s are
 # allowed (ZooKeeper's floor is 2 x tickTime); production keeps the defaults.
 set -euo pipefail
 DIR="${DPRIM_SERVERS_DIR:-/tmp/dprim-servers}/zookeeper"
 PORT="${DPRIM_ZK_PORT:-2181}"
-CLASSPATH_JARS="/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
+# netty-codec is missing from the class path in the Debian jar's manifest; the
+# Netty connection factory (TLS client ports) needs it.
+CLASSPATH_JARS="/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar:/usr/share/java/netty-codec.jar"
 
 install() {
     if [ -f /usr/share/java/zookeeper.jar ] && [ -f /usr/share/java/slf4j-simple.jar ]; then
@@ -90,7 +94,10 @@ start() {
     fi
     rm -rf "$DIR/s1"
     mkdir -p "$DIR/s1/data"
-    common_config "$DIR/s1/data" "$PORT" >"$DIR/s1/zoo.cfg"
+    {
+        common_config "$DIR/s1/data" "$PORT"
+        if [ -n "${DPRIM_ZK_CONF_EXTRA:-}" ]; then cat "$DPRIM_ZK_CONF_EXTRA"; fi
+    } >"$DIR/s1/zoo.cfg"
     launch s1
     wait_ready "$PORT"
     echo "zookeeper ready on 127.0.0.1:$PORT"

@@ -84,6 +84,31 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+impl TlsConfig {
+    /// The client certificate and key files, for mutual TLS: both or none.
+    ///
+    /// # Errors
+    /// `Config` when only one of `cert` and `key` is set.
+    pub fn identity(&self) -> Result<Option<(&Path, &Path)>> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            _ => Err(Error::config(
+                "TLS needs both `cert` and `key` for a client certificate, or neither",
+            )),
+        }
+    }
+
+    /// Reads one of the TLS files.
+    ///
+    /// # Errors
+    /// `Config` naming the file when it cannot be read.
+    pub fn read(path: &Path) -> Result<Vec<u8>> {
+        std::fs::read(path)
+            .map_err(|e| Error::config(format!("cannot read TLS file `{}`: {e}", path.display())))
+    }
+}
+
 /// Where a secret comes from.
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretRef {

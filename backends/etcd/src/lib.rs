@@ -176,24 +176,16 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
 }
 
 fn tls_options(tls: &dprim::config::TlsConfig) -> Result<etcd_client::TlsOptions> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p)
-            .map_err(|e| Error::config(format!("cannot read TLS file `{}`: {e}", p.display())))
-    };
+    use dprim::config::TlsConfig;
     let mut options = etcd_client::TlsOptions::new();
     if let Some(ca) = &tls.ca {
-        options = options.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        options = options.ca_certificate(etcd_client::Certificate::from_pem(TlsConfig::read(ca)?));
     }
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
-        }
-        (None, None) => {}
-        _ => {
-            return Err(Error::config(
-                "TLS needs both `cert` and `key` for a client certificate, or neither",
-            ))
-        }
+    if let Some((cert, key)) = tls.identity()? {
+        options = options.identity(etcd_client::Identity::from_pem(
+            TlsConfig::read(cert)?,
+            TlsConfig::read(key)?,
+        ));
     }
     Ok(options)
 }

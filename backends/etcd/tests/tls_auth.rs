@@ -17,80 +17,16 @@ use support::Servers;
 const PASSWORD: &str = "s3cret-dprim-pw";
 const PORT: u16 = 23790;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is needed to generate test certificates");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
+/// A CA and server and client certificates for 127.0.0.1, made by the
+/// project's `scripts/test-certs.sh`.
 fn make_certs(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=dprim test CA",
-        ],
-    );
-    for (name, cn) in [("server", "127.0.0.1"), ("client", "dprim-client")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        std::fs::write(
-            dir.join(format!("{name}.ext")),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
+    let ok = Command::new("bash")
+        .arg(support::repo_root().join("scripts/test-certs.sh"))
+        .arg(dir)
+        .status()
+        .expect("run scripts/test-certs.sh")
+        .success();
+    assert!(ok, "scripts/test-certs.sh failed (is openssl installed?)");
 }
 
 struct Etcd(Child);

@@ -37,6 +37,7 @@ use dprim::capabilities::{
     Capabilities, KvCapabilities, LockCapabilities, PubSubCapabilities, QueueCapabilities,
     SessionCapabilities,
 };
+use dprim::config::TlsConfig;
 use dprim::registry::Constructor;
 use dprim::{Backend, BackendConfig, BackendParts, Error, Result};
 use error::map_error;
@@ -142,22 +143,16 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
     }
     if let Some(tls) = &config.tls {
         options = options.require_tls(true);
+        // The client reads the files itself; reading them here first
+        // turns a missing or unreadable file into an error naming it.
         if let Some(ca) = &tls.ca {
-            check_readable(ca)?;
+            TlsConfig::read(ca)?;
             options = options.add_root_certificates(ca.clone());
         }
-        match (&tls.cert, &tls.key) {
-            (Some(cert), Some(key)) => {
-                check_readable(cert)?;
-                check_readable(key)?;
-                options = options.add_client_certificate(cert.clone(), key.clone());
-            }
-            (None, None) => {}
-            _ => {
-                return Err(Error::config(
-                    "TLS needs both `cert` and `key` for a client certificate, or neither",
-                ))
-            }
+        if let Some((cert, key)) = tls.identity()? {
+            TlsConfig::read(cert)?;
+            TlsConfig::read(key)?;
+            options = options.add_client_certificate(cert.to_path_buf(), key.to_path_buf());
         }
     }
     let what = format!("connect to {}", endpoints.join(","));
@@ -251,12 +246,6 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         queues: Arc::new(queue::NatsQueues::new(nats)),
         faults: Some(Arc::new(faults)),
     }))
-}
-
-fn check_readable(path: &std::path::Path) -> Result<()> {
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| Error::config(format!("cannot read TLS file `{}`: {e}", path.display())))
 }
 
 /// Gets the stream, creating it when missing (concurrent creators with the

@@ -11,76 +11,16 @@ use std::process::Command;
 
 const PASSWORD: &str = "pw-Zq8vN3kT7yR2";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let ok = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl")
-        .status
-        .success();
-    assert!(ok, "openssl {args:?} failed");
-}
-
+/// A CA and server and client certificates for 127.0.0.1, made by the
+/// project's `scripts/test-certs.sh`.
 fn make_certs(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=dprim test CA",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server-key.pem",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    );
+    let ok = Command::new("bash")
+        .arg(support::repo_root().join("scripts/test-certs.sh"))
+        .arg(dir)
+        .status()
+        .expect("run scripts/test-certs.sh")
+        .success();
+    assert!(ok, "scripts/test-certs.sh failed (is openssl installed?)");
 }
 
 fn config(port: u16, dir: &Path, user: &str, password_var: &str, tls: bool) -> Config {

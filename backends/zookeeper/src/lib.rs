@@ -74,6 +74,8 @@ pub(crate) struct Conn {
     request_timeout: Duration,
     /// `user:password` for the digest scheme; never printed.
     auth: Option<Vec<u8>>,
+    /// TLS to every endpoint (ZooKeeper's `secureClientPort`), when set.
+    tls: Option<zookeeper_client::TlsOptions>,
 }
 
 impl Conn {
@@ -84,18 +86,32 @@ impl Conn {
             connector = connector.with_auth("digest", auth);
         }
         let cluster = self.cluster.clone();
-        match tokio::time::timeout(
-            self.connect_timeout + self.request_timeout,
-            connector.connect(&cluster),
-        )
-        .await
-        {
+        let tls = self.tls.is_some();
+        let connecting = async {
+            match &self.tls {
+                Some(options) => {
+                    connector
+                        .with_tls(options.clone())
+                        .secure_connect(&cluster)
+                        .await
+                }
+                None => connector.connect(&cluster).await,
+            }
+        };
+        // A failed TLS handshake looks like a server that never answers:
+        // the client moves on to the next endpoint, round and round.
+        let check = if tls {
+            "check `endpoints` (the servers' secureClientPort), `tls.ca` (the CA that signed the servers' certificates), `tls.cert` and `tls.key` if the servers want a client certificate, and that the servers are running"
+        } else {
+            "check `endpoints` and that the servers are running"
+        };
+        match tokio::time::timeout(self.connect_timeout + self.request_timeout, connecting).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(map_error(e).with_context("endpoints", &cluster)),
             Err(_) => Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "no zookeeper server answered within {:?}; check `endpoints` and that the servers are running",
+                    "no zookeeper server answered within {:?}; {check}",
                     self.connect_timeout
                 ),
             )
@@ -270,6 +286,10 @@ impl Terminated for SessionState {
 ///   digest scheme and every node dprim creates carries an ACL granting
 ///   only that identity; wrong credentials or another identity's nodes are
 ///   `PermissionDenied`. The password never appears in any error.
+/// - With `tls`, every endpoint is reached over TLS (the servers'
+///   `secureClientPort`), verified against `tls.ca` (required) and the
+///   endpoint's host name or IP; `tls.cert` and `tls.key` give the client
+///   certificate servers with `ssl.clientAuth=need` ask for.
 pub async fn connect(config: &BackendConfig) -> Result<Backend> {
     if config.kind != "zookeeper" {
         return Err(Error::config(format!(
@@ -278,11 +298,7 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         )));
     }
     config.validate()?;
-    if config.tls.is_some() {
-        return Err(Error::config(
-            "`tls` is not supported by the zookeeper backend in this build; remove it",
-        ));
-    }
+    let tls = config.tls.as_ref().map(tls_options).transpose()?;
     let namespace = config.namespace_key()?;
     let cluster = if config.endpoints.is_empty() {
         "127.0.0.1:2181".to_string()
@@ -306,6 +322,7 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         connect_timeout: config.connect_timeout,
         request_timeout: config.request_timeout,
         auth,
+        tls,
     };
     let first = conn.open(MAIN_SESSION_TIMEOUT).await?;
     let shared = Shared {
@@ -343,6 +360,38 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         queues: Arc::new(queue::ZkQueues::new(zk)),
         faults: Some(Arc::new(faults)),
     }))
+}
+
+/// The client's TLS settings from the config's `tls` table.
+fn tls_options(tls: &dprim::config::TlsConfig) -> Result<zookeeper_client::TlsOptions> {
+    use dprim::config::TlsConfig;
+    let pem = |bytes: Vec<u8>, path: &std::path::Path| {
+        String::from_utf8(bytes)
+            .map_err(|_| Error::config(format!("TLS file `{}` is not PEM text", path.display())))
+    };
+    let unusable = |path: &std::path::Path, e: zookeeper_client::Error| {
+        Error::config(format!(
+            "TLS file `{}` holds no usable PEM certificate or key: {e}",
+            path.display()
+        ))
+    };
+    // The client verifies servers only against a given CA (no system roots).
+    let Some(ca) = &tls.ca else {
+        return Err(Error::config(
+            "the zookeeper backend needs `tls.ca`: the CA (PEM) that signed the servers' certificates",
+        ));
+    };
+    let mut options = zookeeper_client::TlsOptions::new()
+        .with_pem_ca(&pem(TlsConfig::read(ca)?, ca)?)
+        .map_err(|e| unusable(ca, e))?;
+    if let Some((cert, key)) = tls.identity()? {
+        let cert_pem = pem(TlsConfig::read(cert)?, cert)?;
+        let key_pem = pem(TlsConfig::read(key)?, key)?;
+        options = options
+            .with_pem_identity(&cert_pem, &key_pem)
+            .map_err(|e| unusable(cert, e))?;
+    }
+    Ok(options)
 }
 
 /// The registry constructor.

@@ -15,6 +15,8 @@ pub fn repo_root() -> PathBuf {
 pub struct Servers {
     pub dir: PathBuf,
     port: Option<u16>,
+    /// Lines appended to the standalone server's zoo.cfg.
+    pub extra_conf: Option<PathBuf>,
 }
 
 impl Servers {
@@ -23,7 +25,11 @@ impl Servers {
         let dir = std::env::temp_dir().join(format!("dprim-zk-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Servers { dir, port }
+        Servers {
+            dir,
+            port,
+            extra_conf: None,
+        }
     }
 
     pub fn script(&self, args: &[&str]) {
@@ -33,6 +39,9 @@ impl Servers {
             .env("DPRIM_SERVERS_DIR", &self.dir);
         if let Some(port) = self.port {
             cmd.env("DPRIM_ZK_PORT", port.to_string());
+        }
+        if let Some(extra) = &self.extra_conf {
+            cmd.env("DPRIM_ZK_CONF_EXTRA", extra);
         }
         let status = cmd.status().expect("run scripts/zookeeper.sh");
         assert!(
