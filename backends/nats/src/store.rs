@@ -214,15 +214,18 @@ impl Nats {
         if consumer.cached_info().num_pending == 0 {
             return Ok((Vec::new(), before));
         }
-        let mut expected = consumer.cached_info().num_pending;
         let mut messages = self.call("list", consumer.messages()).await?;
         let mut records = Vec::new();
-        let mut revision = before;
+        // The highest sequence received. Records come in sequence order, so
+        // once it reaches `before` every record the scan must return is in.
+        let mut seen = 0;
         loop {
-            // A record counted at creation may expire (per-message TTL)
-            // before it is delivered; once everything older than the start
-            // point is in, a short silence ends the scan.
-            let idle = if revision >= before || expected == 0 {
+            // Until then, silence is a slow server or client, not the end:
+            // wait as long as any request (returning early would drop
+            // records without a word). After it, a short silence ends the
+            // scan: the server counted, as pending, records that may expire
+            // (per-message TTL) before they are delivered.
+            let idle = if seen >= before {
                 SCAN_IDLE
             } else {
                 self.request_timeout
@@ -231,19 +234,18 @@ impl Nats {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(map_error("list", e)),
                 Ok(None) => break,
-                Err(_) if idle == SCAN_IDLE => break,
+                Err(_) if seen >= before => break,
                 Err(_) => return Err(crate::error::timed_out("list", self.request_timeout)),
             };
             let pending = m.info().map(|i| i.pending).unwrap_or(0);
-            expected = pending;
             let record = Record::from_message(&m)?;
-            revision = revision.max(record.seq);
+            seen = seen.max(record.seq);
             records.push(record);
             if pending == 0 {
                 break;
             }
         }
-        Ok((records, revision))
+        Ok((records, seen.max(before)))
     }
 
     /// The live latest records matching `filter`.
