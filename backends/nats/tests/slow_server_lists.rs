@@ -37,7 +37,7 @@ async fn listings_are_whole_while_the_server_stalls() {
     let dir = Key::new("d").unwrap();
     let puts: Vec<_> = (0..KEYS)
         .map(|i| {
-            let (b, k) = (b.clone(), dir.join(&format!("k{i}")).unwrap());
+            let (b, k) = (b.clone(), dir.join(format!("k{i}")).unwrap());
             tokio::spawn(async move { b.kv().put(&k, Value::empty()).await.unwrap() })
         })
         .collect();
