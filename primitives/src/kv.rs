@@ -368,6 +368,8 @@ pub trait Kv: Send + Sync {
     /// - With `Depth::Children`, a child that exists only as a prefix of
     ///   deeper keys (`a/b` when only `a/b/c` exists) is not listed.
     /// - The listing's `revision` is a start point for [`Kv::watch`].
+    /// - Returns every entry however many there are and however large
+    ///   their values, as of one revision.
     async fn list(&self, dir: &Key, depth: Depth) -> Result<Listing>;
 
     /// Applies a transaction: all of it or none of it.

@@ -20,6 +20,52 @@ pub(crate) struct EtcdKv {
 }
 
 impl EtcdKv {
+    /// Lists `dir` in pages of `LIST_PAGE` entries, every page read at the
+    /// revision of the first: one snapshot, however large.
+    async fn list_pages(&self, dir: &Key, depth: Depth) -> Result<Listing> {
+        let prefix = self.etcd.layout.kv_dir_prefix(dir);
+        let end = prefix_end(&prefix);
+        let mut from = prefix;
+        let mut revision: Option<Version> = None;
+        let mut entries = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(crate::LIST_PAGE as i64);
+            if let Some(r) = revision {
+                options = options.with_revision(r.get() as i64);
+            }
+            let resp = self
+                .etcd
+                .call("list", self.etcd.kv().get(from.clone(), Some(options)))
+                .await?;
+            let at = match revision {
+                Some(r) => r,
+                None => *revision.insert(header_revision(resp.header())?),
+            };
+            for kv in resp.kvs() {
+                if let Some(e) = entry(&self.etcd, kv)? {
+                    if depth == Depth::Recursive || e.key.is_child_of(dir) {
+                        entries.push(e);
+                    }
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => {
+                    return Ok(Listing {
+                        entries,
+                        revision: at,
+                    })
+                }
+            }
+        }
+    }
+
     pub(crate) fn new(etcd: Etcd) -> EtcdKv {
         EtcdKv { etcd }
     }
@@ -165,29 +211,15 @@ impl Kv for EtcdKv {
     }
 
     async fn list(&self, dir: &Key, depth: Depth) -> Result<Listing> {
-        let prefix = self.etcd.layout.kv_dir_prefix(dir);
-        let end = prefix_end(&prefix);
-        let resp = self
-            .etcd
-            .call(
-                "list",
-                self.etcd
-                    .kv()
-                    .get(prefix, Some(GetOptions::new().with_range(end))),
-            )
-            .await?;
-        let mut entries = Vec::new();
-        for kv in resp.kvs() {
-            if let Some(e) = entry(&self.etcd, kv)? {
-                if depth == Depth::Recursive || e.key.is_child_of(dir) {
-                    entries.push(e);
-                }
+        // A listing past the last compaction's reach starts again (it can
+        // only happen between pages, when a compaction lands meanwhile).
+        let mut attempts = 0;
+        loop {
+            match self.list_pages(dir, depth).await {
+                Err(e) if e.kind() == dprim::ErrorKind::Resync && attempts < 3 => attempts += 1,
+                other => return other,
             }
         }
-        Ok(Listing {
-            entries,
-            revision: header_revision(resp.header())?,
-        })
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {

@@ -75,10 +75,23 @@ impl Etcd {
         }
     }
 
+    /// The kv client, taking responses as large as a page of a listing
+    /// (or a transaction's reads) of the largest keys and values can be:
+    /// the client's default of 4 MiB holds only 16 values of 256 KiB.
     pub(crate) fn kv(&self) -> etcd_client::KvClient {
-        self.client.kv_client()
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
+
+/// Entries per page of a listing.
+pub(crate) const LIST_PAGE: usize = 512;
+/// The largest response the client takes: a page of a listing of the
+/// largest keys and values (transactions, at most `MAX_TXN_OPS` reads, are
+/// smaller), with room for each entry's metadata.
+const MAX_RESPONSE_BYTES: usize =
+    LIST_PAGE * (dprim::MAX_VALUE_BYTES + 2 * dprim::MAX_KEY_BYTES + 1024);
 
 /// Connects to etcd as the config says.
 ///

@@ -102,6 +102,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "Returns entries strictly under `dir` (per segment), sorted by key; only immediate children with [`Depth::Children`]."
         ),
         case!(
+            "kv::list_large_directory",
+            list_large_directory,
+            [],
+            "Returns every entry however many there are and however large their values, as of one revision."
+        ),
+        case!(
             "kv::list_empty_dir",
             list_empty_dir,
             [],
@@ -620,6 +626,72 @@ async fn list_sorted(ctx: Ctx) -> CaseResult {
         expected,
         "children of s, sorted"
     );
+    Ok(())
+}
+
+/// More entries than a backend may read in one page (etcd: 512), and more
+/// bytes than a gRPC message (4 MiB by default) or a ZooKeeper packet
+/// (1 MiB) carries.
+async fn list_large_directory(ctx: Ctx) -> CaseResult {
+    use futures::StreamExt;
+    const MANY: usize = 1100;
+    let names: Vec<String> = (0..MANY).map(|i| format!("many/k{i:04}")).collect();
+    let puts = futures::stream::iter(names.clone().into_iter().map(|name| {
+        let backend = ctx.backend.clone();
+        async move {
+            let k = key(&name)?;
+            backend
+                .kv()
+                .put(&k, val(name.into_bytes())?)
+                .await
+                .ctx("put one of many keys")
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    for put in puts {
+        put?;
+    }
+    ensure_eq!(
+        listed(&ctx, &key("many")?, Depth::Children).await?,
+        names,
+        "a directory of {MANY} keys"
+    );
+
+    const KEYS: usize = 24;
+    let value = vec![b'v'; dprim::MAX_VALUE_BYTES - 1024];
+    let stamp = |i: usize| format!("{i:08}").into_bytes();
+    for i in 0..KEYS {
+        let mut v = value.clone();
+        v[..8].copy_from_slice(&stamp(i));
+        ctx.backend
+            .kv()
+            .put(&key(&format!("big/k{i:02}"))?, val(v)?)
+            .await
+            .ctx("put a large value")?;
+    }
+    for depth in [Depth::Children, Depth::Recursive] {
+        let listing = ctx
+            .backend
+            .kv()
+            .list(&key("big")?, depth)
+            .await
+            .ctx("list a directory of more than 5 MiB")?;
+        ensure_eq!(listing.entries.len(), KEYS, "entries ({depth:?})");
+        for (i, e) in listing.entries.iter().enumerate() {
+            ensure_eq!(
+                e.key.as_str().to_string(),
+                format!("big/k{i:02}"),
+                "key {i} ({depth:?})"
+            );
+            let bytes = e.value.as_bytes();
+            ensure!(
+                bytes.len() == value.len() && bytes[..8] == stamp(i)[..],
+                "value of big/k{i:02} ({depth:?}) is not the one written"
+            );
+        }
+    }
     Ok(())
 }
 
