@@ -166,6 +166,8 @@ pub trait Queue: Send + Sync {
     ///   session is lost; then it is delivered again with `attempt + 1`.
     /// - Messages are delivered in push order (when the backend declares
     ///   `fifo_queues`), redeliveries first.
+    /// - However many messages wait and however many are held, a pull finds
+    ///   the next visible one.
     /// - A message whose `max_attempts`-th delivery fails moves to the
     ///   dead-letter queue with its payload intact, whether or not anyone
     ///   uses the original queue again: pulling from (or measuring) the

@@ -117,9 +117,26 @@ fn get_range(prefix: &[u8]) -> GetOptions {
         .with_sort(SortTarget::Create, SortOrder::Ascend)
 }
 
+/// Messages a pull reads at a time, oldest first: a pull looks at the
+/// oldest messages only, and a backlog must not travel whole to each pull.
+const PULL_PAGE: i64 = 64;
+
+/// Which messages a snapshot reads.
+#[derive(Clone, Copy)]
+enum Messages {
+    /// Every message, with its value.
+    All,
+    /// Every message's key and metadata, without values.
+    KeysOnly,
+    /// The oldest ones, with their values.
+    Oldest(i64),
+}
+
 /// A consistent snapshot of one queue.
 struct Snapshot {
     messages: Vec<KeyValue>,
+    /// More messages follow those read (`Messages::Oldest`).
+    more: bool,
     claims: HashMap<Vec<u8>, KeyValue>,
     options: QueueOptions,
     revision: i64,
@@ -159,9 +176,14 @@ impl EtcdQueue {
         })
     }
 
-    async fn snapshot(&self) -> Result<Snapshot> {
+    async fn snapshot(&self, which: Messages) -> Result<Snapshot> {
+        let messages = match which {
+            Messages::All => get_range(&self.messages),
+            Messages::KeysOnly => get_range(&self.messages).with_keys_only(),
+            Messages::Oldest(n) => get_range(&self.messages).with_limit(n),
+        };
         let txn = etcd_client::Txn::new().and_then([
-            TxnOp::get(self.messages.clone(), Some(get_range(&self.messages))),
+            TxnOp::get(self.messages.clone(), Some(messages)),
             TxnOp::get(self.claims.clone(), Some(get_range(&self.claims))),
             TxnOp::get(self.etcd.layout.queue_options(&self.name), None),
         ]);
@@ -171,7 +193,10 @@ impl EtcdQueue {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
         });
-        let messages = gets.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
+        let (messages, more) = gets
+            .next()
+            .map(|g| (g.kvs().to_vec(), g.more()))
+            .unwrap_or_default();
         let claims = gets
             .next()
             .map(|g| {
@@ -194,10 +219,33 @@ impl EtcdQueue {
             });
         Ok(Snapshot {
             messages,
+            more,
             claims,
             options,
             revision,
         })
+    }
+
+    /// The `n` oldest messages created after revision `after`, as of
+    /// `revision`, and whether more follow.
+    async fn messages_after(
+        &self,
+        after: i64,
+        revision: i64,
+        n: i64,
+    ) -> Result<(Vec<KeyValue>, bool)> {
+        let options = get_range(&self.messages)
+            .with_min_create_revision(after + 1)
+            .with_revision(revision)
+            .with_limit(n);
+        let resp = self
+            .etcd
+            .call(
+                "get",
+                self.etcd.kv().get(self.messages.clone(), Some(options)),
+            )
+            .await?;
+        Ok((resp.kvs().to_vec(), resp.more()))
     }
 
     /// Moves a message to the dead-letter queue if nobody changed it meanwhile.
@@ -252,7 +300,7 @@ impl EtcdQueue {
                 continue;
             };
             let queue = EtcdQueue::new(self.etcd.clone(), feeder);
-            let snap = queue.snapshot().await?;
+            let snap = queue.snapshot(Messages::All).await?;
             if snap.options.dead_letter_for(&queue.name).ok().as_ref() != Some(&self.name) {
                 continue;
             }
@@ -280,62 +328,80 @@ impl EtcdQueue {
         options: &PullOptions,
     ) -> Result<(Option<Delivery>, Option<i64>, i64)> {
         let mut next_change = self.sweep_feeders().await?;
-        let snap = self.snapshot().await?;
+        let snap = self.snapshot(Messages::Oldest(PULL_PAGE)).await?;
         let now = now_ms();
-        for msg in &snap.messages {
-            let suffix = &msg.key()[self.messages.len()..];
-            let claim = snap.claims.get(suffix);
-            if let Some(c) = claim.map(parse_claim) {
-                if c.visible_at > now {
-                    next_change = Some(next_change.map_or(c.visible_at, |n| n.min(c.visible_at)));
+        let (mut page, mut more) = (snap.messages.clone(), snap.more);
+        loop {
+            for msg in &page {
+                let suffix = &msg.key()[self.messages.len()..];
+                let claim = snap.claims.get(suffix);
+                if let Some(c) = claim.map(parse_claim) {
+                    if c.visible_at > now {
+                        next_change =
+                            Some(next_change.map_or(c.visible_at, |n| n.min(c.visible_at)));
+                        continue;
+                    }
+                }
+                let (attempts, payload) = split_message(msg.value());
+                if attempts >= snap.options.max_attempts {
+                    self.dead_letter(&snap.options, msg, claim).await?;
                     continue;
                 }
-            }
-            let (attempts, payload) = split_message(msg.value());
-            if attempts >= snap.options.max_attempts {
-                self.dead_letter(&snap.options, msg, claim).await?;
-                continue;
-            }
-            let nonce = format!("{:016x}", rand::random::<u64>());
-            let claim_key = self.claim_key(msg.key());
-            let claim_rev = claim.map_or(0, |c| c.mod_revision());
-            let visible_at = now + options.visibility_timeout.as_millis() as i64;
-            let put = options
-                .session
-                .as_ref()
-                .map(|s| etcd_client::PutOptions::new().with_lease(s.id().0 as i64));
-            let txn = etcd_client::Txn::new()
-                .when([
-                    Compare::mod_revision(msg.key().to_vec(), CompareOp::Equal, msg.mod_revision()),
-                    Compare::mod_revision(claim_key.clone(), CompareOp::Equal, claim_rev),
-                ])
-                .and_then([
-                    TxnOp::put(
-                        msg.key().to_vec(),
-                        join_message(attempts + 1, payload),
+                let nonce = format!("{:016x}", rand::random::<u64>());
+                let claim_key = self.claim_key(msg.key());
+                let claim_rev = claim.map_or(0, |c| c.mod_revision());
+                let visible_at = now + options.visibility_timeout.as_millis() as i64;
+                let put = options
+                    .session
+                    .as_ref()
+                    .map(|s| etcd_client::PutOptions::new().with_lease(s.id().0 as i64));
+                let txn = etcd_client::Txn::new()
+                    .when([
+                        Compare::mod_revision(
+                            msg.key().to_vec(),
+                            CompareOp::Equal,
+                            msg.mod_revision(),
+                        ),
+                        Compare::mod_revision(claim_key.clone(), CompareOp::Equal, claim_rev),
+                    ])
+                    .and_then([
+                        TxnOp::put(
+                            msg.key().to_vec(),
+                            join_message(attempts + 1, payload),
+                            None,
+                        ),
+                        TxnOp::put(claim_key, format!("{visible_at}:{nonce}"), put),
+                    ]);
+                if self
+                    .etcd
+                    .call("txn", self.etcd.kv().txn(txn))
+                    .await?
+                    .succeeded()
+                {
+                    let suffix = String::from_utf8_lossy(suffix).into_owned();
+                    return Ok((
+                        Some(Delivery {
+                            id: MessageId(msg.create_revision() as u64),
+                            payload: Value::new(payload.to_vec())?,
+                            attempt: attempts + 1,
+                            receipt: Receipt(format!("{suffix}.{nonce}")),
+                        }),
                         None,
-                    ),
-                    TxnOp::put(claim_key, format!("{visible_at}:{nonce}"), put),
-                ]);
-            if self
-                .etcd
-                .call("txn", self.etcd.kv().txn(txn))
-                .await?
-                .succeeded()
-            {
-                let suffix = String::from_utf8_lossy(suffix).into_owned();
-                return Ok((
-                    Some(Delivery {
-                        id: MessageId(msg.create_revision() as u64),
-                        payload: Value::new(payload.to_vec())?,
-                        attempt: attempts + 1,
-                        receipt: Receipt(format!("{suffix}.{nonce}")),
-                    }),
-                    None,
-                    snap.revision,
-                ));
+                        snap.revision,
+                    ));
+                }
+                // Another consumer won this one; try the next.
             }
-            // Another consumer won this one; try the next.
+            // Every message of the page is held (or was just taken): the next
+            // page, as of the same revision.
+            match page.last() {
+                Some(last) if more => {
+                    (page, more) = self
+                        .messages_after(last.create_revision(), snap.revision, PULL_PAGE)
+                        .await?;
+                }
+                _ => break,
+            }
         }
         Ok((None, next_change, snap.revision))
     }
@@ -544,7 +610,7 @@ impl Queue for EtcdQueue {
 
     async fn depth(&self) -> Result<QueueDepth> {
         self.sweep_feeders().await?;
-        let snap = self.snapshot().await?;
+        let snap = self.snapshot(Messages::KeysOnly).await?;
         let now = now_ms();
         let mut depth = QueueDepth::default();
         for msg in &snap.messages {

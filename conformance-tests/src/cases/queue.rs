@@ -46,6 +46,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "Messages are delivered in push order (when the backend declares `fifo_queues`), redeliveries first."
         ),
         case!(
+            "queue::large_backlog",
+            large_backlog,
+            [],
+            "However many messages wait and however many are held, a pull finds the next visible one."
+        ),
+        case!(
             "queue::redeliveries_first",
             redeliveries_first,
             [Requirement::QueueFifo],
@@ -322,6 +328,71 @@ async fn fifo_order(ctx: Ctx) -> CaseResult {
         );
         consumer.ack(&d.receipt).await.ctx("ack")?;
     }
+    Ok(())
+}
+
+/// A backlog of more bytes than one response of a backend carries, and
+/// more held deliveries than a backend reads at a time.
+async fn large_backlog(ctx: Ctx) -> CaseResult {
+    const BIG: usize = 24;
+    const SMALL: usize = 120;
+    const HELD: usize = 130;
+    let q = jobs(&ctx).await?;
+    let big = vec![b'b'; dprim::MAX_VALUE_BYTES - 1024];
+    let mut pushed = Vec::new();
+    for i in 0..BIG + SMALL {
+        let mut payload = if i < BIG { big.clone() } else { vec![b's'; 16] };
+        payload[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        pushed.push(q.push(val(payload)?).await.ctx("push")?);
+    }
+    let fifo = ctx.caps().queue.fifo;
+    let mut held_ids = Vec::new();
+    let mut receipts = Vec::new();
+    for i in 0..HELD {
+        let d = pull_one(q.as_ref(), held(LONG), &format!("pull #{i}")).await?;
+        let stamp = String::from_utf8_lossy(&d.payload.as_bytes()[..8]).into_owned();
+        let n: usize = stamp
+            .parse()
+            .map_err(|_| Fail::Failed(format!("delivery #{i} carries `{stamp}`")))?;
+        ensure!(
+            n < pushed.len() && d.id == pushed[n],
+            "delivery #{i}: id {} with the payload of message {n}",
+            d.id
+        );
+        if fifo {
+            ensure_eq!(n, i, "delivery #{i} in push order");
+        }
+        held_ids.push(d.id);
+        receipts.push(d.receipt);
+    }
+    ensure_eq!(
+        depth(q.as_ref()).await?,
+        QueueDepth {
+            ready: (BIG + SMALL - HELD) as u64,
+            in_flight: HELD as u64
+        },
+        "depth with {HELD} held"
+    );
+    for i in HELD..BIG + SMALL {
+        let d = pull_one(
+            q.as_ref(),
+            held(LONG),
+            &format!("pull #{i} behind {HELD} held"),
+        )
+        .await?;
+        ensure!(
+            !held_ids.contains(&d.id),
+            "pull #{i} returned {}, which is held",
+            d.id
+        );
+        held_ids.push(d.id);
+        receipts.push(d.receipt);
+    }
+    pull_none(q.as_ref(), "pull with every message held").await?;
+    for r in &receipts {
+        q.ack(r).await.ctx("ack")?;
+    }
+    ensure_eq!(depth(q.as_ref()).await?.total(), 0, "messages left");
     Ok(())
 }
 
