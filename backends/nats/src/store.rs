@@ -13,6 +13,7 @@ use bytes::Bytes;
 use dprim::{Error, ErrorKind, Result};
 use futures::StreamExt;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Header naming the session an ephemeral record belongs to (hex).
 pub(crate) const SESSION_HEADER: &str = "Dprim-Session";
@@ -24,8 +25,8 @@ const MARKER_REASON: &str = "Nats-Marker-Reason";
 pub(crate) const ROLLUP: &str = "Nats-Rollup";
 /// How long the markers of removed internal records stay in the bucket.
 const INTERNAL_MARKER_TTL: Duration = Duration::from_secs(60);
-/// How long a scan waits for a record it was told about but that may have
-/// expired meanwhile.
+/// How long a scan waits for its next record before it looks again: a
+/// record it was told about may have gone meanwhile.
 const SCAN_IDLE: Duration = Duration::from_millis(300);
 
 /// One message of the bucket.
@@ -183,59 +184,64 @@ impl Nats {
     /// change of a matching subject has a sequence greater than R and every
     /// returned record's sequence is at most R.
     pub(crate) async fn scan(&self, filter: &str) -> Result<(Vec<Record>, u64)> {
-        let (_, before) = self.last_seq().await?;
-        let consumer = self
-            .call(
-                "list",
-                self.kv.create_consumer(OrderedConfig {
-                    filter_subject: filter.to_string(),
-                    deliver_policy: DeliverPolicy::LastPerSubject,
-                    ..Default::default()
-                }),
-            )
-            .await?;
-        let name = consumer.cached_info().name.clone();
-        let result = self.drain_scan(consumer, before).await;
-        // Delete it now rather than wait for the ordered consumer's 30 s
-        // inactivity threshold: clients that list often would otherwise pile
-        // up consumers past the server's default limit of 1,000 per stream.
-        let kv = self.kv.clone();
-        tokio::spawn(async move {
-            let _ = kv.delete_consumer(&name).await;
-        });
-        result
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (_, before) = self.last_seq().await?;
+            let consumer = self
+                .call(
+                    "list",
+                    self.kv.create_consumer(OrderedConfig {
+                        filter_subject: filter.to_string(),
+                        deliver_policy: DeliverPolicy::LastPerSubject,
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+            let name = consumer.cached_info().name.clone();
+            let result = self.drain_scan(consumer, before).await;
+            // Delete it now rather than wait for the ordered consumer's 30 s
+            // inactivity threshold: clients that list often would otherwise
+            // pile up consumers past the server's default limit of 1,000 per
+            // stream.
+            let kv = self.kv.clone();
+            tokio::spawn(async move {
+                let _ = kv.delete_consumer(&name).await;
+            });
+            match result? {
+                Some(scanned) => return Ok(scanned),
+                // Silence before every record the scan must return came in:
+                // a record counted at the start went away before it could
+                // be delivered (expired, or rolled up), or the server or
+                // this process stalled. Start over, counting only what is
+                // there now, rather than return a short list.
+                None if Instant::now() < deadline => {}
+                None => return Err(crate::error::timed_out("list", self.request_timeout)),
+            }
+        }
     }
 
+    /// Reads a scan's consumer to the end: `None` if it fell silent before
+    /// every record that existed at `before` came in.
     async fn drain_scan(
         &self,
         consumer: async_nats::jetstream::consumer::Consumer<OrderedConfig>,
         before: u64,
-    ) -> Result<(Vec<Record>, u64)> {
+    ) -> Result<Option<(Vec<Record>, u64)>> {
         if consumer.cached_info().num_pending == 0 {
-            return Ok((Vec::new(), before));
+            return Ok(Some((Vec::new(), before)));
         }
         let mut messages = self.call("list", consumer.messages()).await?;
         let mut records = Vec::new();
         // The highest sequence received. Records come in sequence order, so
-        // once it reaches `before` every record the scan must return is in.
+        // once it reaches `before` every record the scan must return is in,
+        // and a silence ends the scan.
         let mut seen = 0;
         loop {
-            // Until then, silence is a slow server or client, not the end:
-            // wait as long as any request (returning early would drop
-            // records without a word). After it, a short silence ends the
-            // scan: the server counted, as pending, records that may expire
-            // (per-message TTL) before they are delivered.
-            let idle = if seen >= before {
-                SCAN_IDLE
-            } else {
-                self.request_timeout
-            };
-            let m = match tokio::time::timeout(idle, messages.next()).await {
+            let m = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(map_error("list", e)),
-                Ok(None) => break,
-                Err(_) if seen >= before => break,
-                Err(_) => return Err(crate::error::timed_out("list", self.request_timeout)),
+                Ok(None) | Err(_) if seen >= before => break,
+                Ok(None) | Err(_) => return Ok(None),
             };
             let pending = m.info().map(|i| i.pending).unwrap_or(0);
             let record = Record::from_message(&m)?;
@@ -245,7 +251,7 @@ impl Nats {
                 break;
             }
         }
-        Ok((records, seen.max(before)))
+        Ok(Some((records, seen.max(before))))
     }
 
     /// The live latest records matching `filter`.

@@ -2,7 +2,9 @@
 //! server stalls (SIGSTOP for 400 ms, again and again), every listing of a
 //! directory of 500 keys returns all 500. A scan once gave up after 300 ms
 //! without a message and returned what it had, which a lock or an election
-//! reads as "not in line" (`SessionLost`) and a reaper as "gone".
+//! reads as "not in line" (`SessionLost`) and a reaper as "gone". And while
+//! sessions come and go (their keys removed as they close), listings keep
+//! answering, whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -84,4 +86,67 @@ async fn listings_are_whole_while_the_server_stalls() {
         "{} of {lists} listings came back short, with {short:?} of {KEYS} keys",
         short.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_whole_while_sessions_come_and_go() {
+    let servers = support::Servers::new("churn-lists", 4318);
+    servers.script(&["start"]);
+    let config = Config::from_toml(&format!(
+        "[backend]\nkind = \"nats\"\nendpoints = [\"127.0.0.1:{}\"]\nnamespace = \"churn\"\n",
+        servers.port
+    ))
+    .unwrap();
+    let b = dprim_nats::connect(&config.backend).await.unwrap();
+    let dir = Key::new("st").unwrap();
+    const STABLE: usize = 100;
+    for i in 0..STABLE {
+        b.kv()
+            .put(&dir.join(format!("k{i:03}")).unwrap(), Value::empty())
+            .await
+            .unwrap();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let churners: Vec<_> = (0..4)
+        .map(|w| {
+            let (b, dir, done) = (b.clone(), dir.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let s = b.sessions().open(Duration::from_secs(5)).await.unwrap();
+                    for j in 0..5 {
+                        let k = dir.join(format!("e{w}-{n}-{j}")).unwrap();
+                        b.kv().put_ephemeral(&k, Value::empty(), &s).await.unwrap();
+                    }
+                    s.close().await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut lists = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let t = Instant::now();
+        let listing = b
+            .kv()
+            .list(&dir, Depth::Children)
+            .await
+            .unwrap_or_else(|e| panic!("list {lists} failed after {:?}: {e}", t.elapsed()));
+        let stable = listing
+            .entries
+            .iter()
+            .filter(|e| e.key.as_str().starts_with("st/k"))
+            .count();
+        assert_eq!(stable, STABLE, "listing {lists} lacks stable keys");
+        lists += 1;
+    }
+    done.store(true, Ordering::SeqCst);
+    let mut sessions = 0;
+    for c in churners {
+        sessions += c.await.unwrap();
+    }
+    println!("{lists} listings while {sessions} sessions came and went");
+    assert!(sessions >= 20, "only {sessions} sessions");
 }
