@@ -124,8 +124,6 @@ const PULL_PAGE: i64 = 64;
 /// Which messages a snapshot reads.
 #[derive(Clone, Copy)]
 enum Messages {
-    /// Every message, with its value.
-    All,
     /// Every message's key and metadata, without values.
     KeysOnly,
     /// The oldest ones, with their values.
@@ -178,7 +176,6 @@ impl EtcdQueue {
 
     async fn snapshot(&self, which: Messages) -> Result<Snapshot> {
         let messages = match which {
-            Messages::All => get_range(&self.messages),
             Messages::KeysOnly => get_range(&self.messages).with_keys_only(),
             Messages::Oldest(n) => get_range(&self.messages).with_limit(n),
         };
@@ -300,7 +297,11 @@ impl EtcdQueue {
                 continue;
             };
             let queue = EtcdQueue::new(self.etcd.clone(), feeder);
-            let snap = queue.snapshot(Messages::All).await?;
+            // Keys only: only a message delivered `max_attempts` times can
+            // be dead, and every delivery rewrites its message (the attempt
+            // count is in the value), so a message whose key was written
+            // fewer times needs no look at its value.
+            let snap = queue.snapshot(Messages::KeysOnly).await?;
             if snap.options.dead_letter_for(&queue.name).ok().as_ref() != Some(&self.name) {
                 continue;
             }
@@ -311,7 +312,15 @@ impl EtcdQueue {
                     Some(c) if c.visible_at > now => {
                         next = Some(next.map_or(c.visible_at, |n| n.min(c.visible_at)));
                     }
+                    _ if msg.version() - 1 < i64::from(snap.options.max_attempts) => {}
                     _ => {
+                        let resp = self
+                            .etcd
+                            .call("get", self.etcd.kv().get(msg.key().to_vec(), None))
+                            .await?;
+                        let Some(msg) = resp.kvs().first() else {
+                            continue;
+                        };
                         if split_message(msg.value()).0 >= snap.options.max_attempts {
                             queue.dead_letter(&snap.options, msg, claim).await?;
                         }
