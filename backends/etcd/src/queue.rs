@@ -117,8 +117,9 @@ fn get_range(prefix: &[u8]) -> GetOptions {
         .with_sort(SortTarget::Create, SortOrder::Ascend)
 }
 
-/// Messages a pull reads at a time, oldest first: a pull looks at the
-/// oldest messages only, and a backlog must not travel whole to each pull.
+/// Messages a pull reads at a time, oldest first, keys only: a pull looks
+/// at the oldest messages only, and neither the backlog nor the payloads
+/// of held messages travel to each pull (only the one it takes).
 const PULL_PAGE: i64 = 64;
 
 /// Which messages a snapshot reads.
@@ -126,7 +127,7 @@ const PULL_PAGE: i64 = 64;
 enum Messages {
     /// Every message's key and metadata, without values.
     KeysOnly,
-    /// The oldest ones, with their values.
+    /// The oldest ones' keys and metadata, and the oldest one's value.
     Oldest(i64),
 }
 
@@ -135,6 +136,9 @@ struct Snapshot {
     messages: Vec<KeyValue>,
     /// More messages follow those read (`Messages::Oldest`).
     more: bool,
+    /// The oldest message with its value (`Messages::Oldest`): usually the
+    /// one a pull takes.
+    oldest: Option<KeyValue>,
     claims: HashMap<Vec<u8>, KeyValue>,
     options: QueueOptions,
     revision: i64,
@@ -177,13 +181,20 @@ impl EtcdQueue {
     async fn snapshot(&self, which: Messages) -> Result<Snapshot> {
         let messages = match which {
             Messages::KeysOnly => get_range(&self.messages).with_keys_only(),
-            Messages::Oldest(n) => get_range(&self.messages).with_limit(n),
+            Messages::Oldest(n) => get_range(&self.messages).with_keys_only().with_limit(n),
         };
-        let txn = etcd_client::Txn::new().and_then([
+        let mut reads = vec![
             TxnOp::get(self.messages.clone(), Some(messages)),
             TxnOp::get(self.claims.clone(), Some(get_range(&self.claims))),
             TxnOp::get(self.etcd.layout.queue_options(&self.name), None),
-        ]);
+        ];
+        if let Messages::Oldest(_) = which {
+            reads.push(TxnOp::get(
+                self.messages.clone(),
+                Some(get_range(&self.messages).with_limit(1)),
+            ));
+        }
+        let txn = etcd_client::Txn::new().and_then(reads);
         let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
@@ -214,9 +225,11 @@ impl EtcdQueue {
                 dead_letter: self.name.join("dead-letter").ok(),
                 ..QueueOptions::default()
             });
+        let oldest = gets.next().and_then(|g| g.kvs().first().cloned());
         Ok(Snapshot {
             messages,
             more,
+            oldest,
             claims,
             options,
             revision,
@@ -351,6 +364,27 @@ impl EtcdQueue {
                         continue;
                     }
                 }
+                // The page holds keys only: the value comes with the
+                // snapshot for the oldest message, else with one read (the
+                // claim below is guarded by the revision read with it).
+                let fetched;
+                let msg = match &snap.oldest {
+                    Some(o) if o.key() == msg.key() && o.mod_revision() == msg.mod_revision() => o,
+                    _ => {
+                        let resp = self
+                            .etcd
+                            .call("get", self.etcd.kv().get(msg.key().to_vec(), None))
+                            .await?;
+                        match resp.kvs().first() {
+                            Some(kv) => {
+                                fetched = kv.clone();
+                                &fetched
+                            }
+                            // Acked or dead-lettered meanwhile.
+                            None => continue,
+                        }
+                    }
+                };
                 let (attempts, payload) = split_message(msg.value());
                 if attempts >= snap.options.max_attempts {
                     self.dead_letter(&snap.options, msg, claim).await?;
