@@ -211,13 +211,15 @@ pub enum TaskCommand {
     /// Launch a task; prints its id.
     Launch {
         /// CPU shares (1.0 = one core).
-        #[arg(long, default_value_t = 0.1)]
+        // A negative value is taken (and refused with a clear message)
+        // rather than read as an unknown flag.
+        #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
         cpus: f64,
         /// Memory, e.g. 256MiB.
-        #[arg(long, default_value = "64MiB")]
+        #[arg(long, default_value = "64MiB", allow_hyphen_values = true)]
         mem: String,
         /// Disk, e.g. 1GiB.
-        #[arg(long, default_value = "0")]
+        #[arg(long, default_value = "0", allow_hyphen_values = true)]
         disk: String,
         /// Placement constraint on agent attributes: attr==value or attr!=value (repeatable).
         #[arg(long = "constraint", value_name = "ATTR==VALUE")]

@@ -318,6 +318,53 @@ fn bad_durations_are_usage_errors() {
     assert!(stderr(&o).contains("--ttl"), "{}", stderr(&o));
 }
 
+#[test]
+fn bad_task_launches_are_usage_errors_that_name_the_problem() {
+    for (args, needle) in [
+        // A negative number is the flag's value, not another flag.
+        (
+            &["task", "launch", "--cpus", "-1", "--", "true"][..],
+            "zero or more",
+        ),
+        (
+            &["task", "launch", "--cpus=-1", "--", "true"][..],
+            "zero or more",
+        ),
+        (
+            &["task", "launch", "--mem", "-5", "--", "true"][..],
+            "not a size",
+        ),
+        (
+            &["task", "launch", "--disk", "-1GiB", "--", "true"][..],
+            "not a size",
+        ),
+        (
+            &["task", "launch", "--mem", "lots", "--", "true"][..],
+            "not a size",
+        ),
+        (&["task", "launch", "--cpus", "0.5"][..], "COMMAND"),
+        (
+            &["task", "launch", "--constraint", "zone", "--", "true"][..],
+            "constraint",
+        ),
+        (
+            &[
+                "agent",
+                "--resources",
+                "cpus=-2",
+                "--work-dir",
+                "/nonexistent",
+            ][..],
+            "zero or more",
+        ),
+    ] {
+        let o = run(args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+    }
+}
+
 /// Starts `dprim args...`, waits for its first stdout line, sends SIGINT,
 /// and returns (first line, stderr, exit code).
 fn interrupt_after_first_line(args: &[&str]) -> (String, String, i32) {
