@@ -246,7 +246,7 @@ pub enum TaskCommand {
         /// The task id.
         id: String,
         /// Time between SIGTERM and SIGKILL.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "DURATION")]
+        #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "10s", value_name = "DURATION")]
         grace: Duration,
     },
     /// Print a task's output (stdout, or stderr with --stderr).
@@ -282,7 +282,7 @@ stops it earlier. With --output json each piece of output is one line:
     /// Print status updates as they happen.
     Watch {
         /// Stop after this many updates.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         count: Option<u64>,
     },
 }
@@ -319,11 +319,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR")]
     pub work_dir: PathBuf,
     /// TTL of the agent's session (default: the config's session_ttl).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub ttl: Option<Duration>,
     /// How long the sandbox of an ended launch (its stdout, stderr and
     /// exit code, what `dprim task logs` reads) is kept; then it is deleted.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "1h", value_name = "DURATION")]
     pub sandbox_retention: Duration,
 }
 
@@ -331,10 +331,10 @@ pub struct AgentArgs {
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// How long the demo runs.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "12s", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "12s", value_name = "DURATION")]
     pub duration: Duration,
     /// When the first agent crashes (0s: never).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "3s", value_name = "DURATION")]
     pub crash_after: Duration,
 }
 
@@ -345,15 +345,15 @@ pub struct SupervisorArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// How long a task stays UNREACHABLE before it is declared GONE.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "30s", value_name = "DURATION")]
     pub gone_timeout: Duration,
     /// How long a task that is done for good (FINISHED, FAILED, KILLED,
     /// GONE or DROPPED, no relaunch due) keeps its records; then they are
     /// deleted and `dprim task status` no longer knows it.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "1h", value_name = "DURATION")]
     pub task_retention: Duration,
     /// TTL of the supervisor's session (default: the config's session_ttl).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub ttl: Option<Duration>,
 }
 
@@ -420,7 +420,7 @@ pub enum KvCommand {
         /// The key.
         key: String,
         /// The version the key must have, as printed by `dprim kv get`.
-        #[arg(id = "expected_version", value_name = "VERSION", value_parser = parse_version)]
+        #[arg(id = "expected_version", value_name = "VERSION", value_parser = parse_version, allow_negative_numbers = true)]
         version: Version,
         /// The new value.
         #[command(flatten)]
@@ -431,7 +431,7 @@ pub enum KvCommand {
         /// The key.
         key: String,
         /// Delete only if the key is at this version (exit 1 otherwise).
-        #[arg(long = "version", id = "expected_version", value_name = "VERSION", value_parser = parse_version)]
+        #[arg(long = "version", id = "expected_version", value_name = "VERSION", value_parser = parse_version, allow_negative_numbers = true)]
         version: Option<Version>,
     },
     /// List the keys in a directory.
@@ -452,10 +452,10 @@ pub enum KvCommand {
         dir: bool,
         /// Start after this version (including changes made before the
         /// watch started); default: only changes from now on.
-        #[arg(long, value_parser = parse_version, value_name = "VERSION")]
+        #[arg(long, value_parser = parse_version, value_name = "VERSION", allow_negative_numbers = true)]
         from: Option<Version>,
         /// Stop after this many events (default: until Ctrl-C).
-        #[arg(long, value_name = "N")]
+        #[arg(long, allow_negative_numbers = true, value_name = "N")]
         count: Option<u64>,
     },
 }
@@ -467,10 +467,10 @@ pub struct LockArgs {
     pub name: String,
     /// Session TTL: how long the lock survives this process dying without
     /// unlocking. Default: the config's `session_ttl`.
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub ttl: Option<Duration>,
     /// How long to wait for the lock (exit 1 when it is not acquired in time).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "30s", value_name = "DURATION")]
     pub timeout: Duration,
     /// Command to run while holding the lock.
     #[arg(last = true, value_name = "CMD")]
@@ -487,7 +487,7 @@ pub struct ElectArgs {
     pub value: Option<String>,
     /// Session TTL: how long leadership survives this process dying without
     /// resigning. Default: the config's `session_ttl`.
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", conflicts_with_all = ["show", "observe"])]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, value_name = "DURATION", conflicts_with_all = ["show", "observe"])]
     pub ttl: Option<Duration>,
     /// Print the current leader instead of campaigning (exit 1 if there is none).
     #[arg(long, conflicts_with = "observe")]
@@ -496,7 +496,12 @@ pub struct ElectArgs {
     #[arg(long)]
     pub observe: bool,
     /// With --observe: stop after this many updates.
-    #[arg(long, value_name = "N", requires = "observe")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        requires = "observe"
+    )]
     pub count: Option<u64>,
 }
 
@@ -516,7 +521,7 @@ pub struct SubArgs {
     /// The topic (a key).
     pub topic: String,
     /// Stop after this many messages (default: until Ctrl-C).
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub count: Option<u64>,
 }
 
@@ -537,10 +542,10 @@ pub enum QueueCommand {
         queue: String,
         /// How long the message stays invisible to other consumers unless
         /// acked or nacked.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+        #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "30s", value_name = "DURATION")]
         visibility: Duration,
         /// How long to wait for a message when the queue is empty.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s", value_name = "DURATION")]
+        #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "0s", value_name = "DURATION")]
         wait: Duration,
         /// Acknowledge the message at once (remove it for good).
         #[arg(long)]
@@ -560,7 +565,7 @@ pub enum QueueCommand {
         /// The receipt printed by `dprim queue pull`.
         receipt: String,
         /// How long before the message may be delivered again.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s", value_name = "DURATION")]
+        #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, default_value = "0s", value_name = "DURATION")]
         delay: Duration,
     },
     /// Print how many messages are ready and in flight.
@@ -580,7 +585,7 @@ pub struct ConformanceArgs {
     #[arg(long, value_name = "SUBSTR")]
     pub filter: Option<String>,
     /// Fail a case that runs longer than this. Default: the suite's own.
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, allow_hyphen_values = true, value_name = "DURATION")]
     pub case_timeout: Option<Duration>,
 }
 

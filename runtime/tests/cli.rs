@@ -316,6 +316,31 @@ fn bad_durations_are_usage_errors() {
     let o = run(&["lock", "l", "--ttl", "5", "--", "true"]);
     assert_eq!(code(&o), 2);
     assert!(stderr(&o).contains("--ttl"), "{}", stderr(&o));
+    // A negative value is named as the flag's bad value, not taken for an
+    // unknown flag.
+    for (args, needle) in [
+        (
+            &["lock", "l", "--ttl", "-1s", "--", "true"][..],
+            "'-1s' for '--ttl",
+        ),
+        (
+            &["queue", "pull", "q", "--visibility", "-5s"][..],
+            "'-5s' for '--visibility",
+        ),
+        (&["kv", "cas", "k", "-3", "v"][..], "`-3` is not a version"),
+        (
+            &["kv", "del", "k", "--version", "-4"][..],
+            "`-4` is not a version",
+        ),
+        (
+            &["kv", "watch", "k", "--count", "-1"][..],
+            "'-1' for '--count",
+        ),
+    ] {
+        let o = run(args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
 }
 
 #[test]
