@@ -28,7 +28,7 @@ use dprim::capabilities::{
     SessionCapabilities,
 };
 use dprim::registry::Constructor;
-use dprim::{Backend, BackendConfig, BackendParts, Error, Result};
+use dprim::{Backend, BackendConfig, BackendParts, Error, ErrorKind, Result};
 use error::map_error;
 use layout::Layout;
 use std::future::Future;
@@ -61,9 +61,95 @@ pub(crate) struct Etcd {
     pub(crate) client: etcd_client::Client,
     pub(crate) layout: Layout,
     pub(crate) request_timeout: Duration,
+    /// Linearizable revision reads shared by concurrent callers.
+    revisions: Arc<std::sync::Mutex<RevisionReads>>,
+}
+
+/// What one revision read gives each caller that shares it (an error as
+/// its parts: kind, message, temporary).
+type RevisionRead = std::result::Result<i64, (ErrorKind, String, bool)>;
+
+/// Callers waiting for a revision read, and whether one is being made.
+#[derive(Default)]
+struct RevisionReads {
+    reading: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<RevisionRead>>,
 }
 
 impl Etcd {
+    /// A revision at least that of every write acknowledged before this
+    /// call. Concurrent callers share reads: each read answers everyone
+    /// who asked before it was sent, so there is one read in flight however
+    /// many ask.
+    pub(crate) async fn current_revision(&self) -> Result<i64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut reads = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+            reads.waiting.push(tx);
+            !std::mem::replace(&mut reads.reading, true)
+        };
+        if start {
+            tokio::spawn(self.clone().read_revisions());
+        }
+        match rx.await {
+            Ok(Ok(revision)) => Ok(revision),
+            Ok(Err((kind, message, temporary))) => {
+                let e = Error::new(kind, message);
+                Err(if temporary { e.temporary() } else { e })
+            }
+            Err(_) => Err(Error::unexpected("the revision read was dropped")),
+        }
+    }
+
+    async fn read_revisions(self) {
+        // If this task is dropped mid-read (its runtime shut down), the
+        // next caller must start a reader again, and those waiting must not
+        // wait forever.
+        struct Abandoned {
+            reads: Arc<std::sync::Mutex<RevisionReads>>,
+            armed: bool,
+        }
+        impl Drop for Abandoned {
+            fn drop(&mut self) {
+                if self.armed {
+                    let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+                    reads.reading = false;
+                    reads.waiting.clear();
+                }
+            }
+        }
+        let mut abandoned = Abandoned {
+            reads: self.revisions.clone(),
+            armed: true,
+        };
+        loop {
+            let batch = {
+                let mut reads = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+                if reads.waiting.is_empty() {
+                    reads.reading = false;
+                    abandoned.armed = false;
+                    return;
+                }
+                std::mem::take(&mut reads.waiting)
+            };
+            // A linearizable read of one key, counted only.
+            let read = self
+                .call(
+                    "get",
+                    self.kv().get(
+                        self.layout.kv_key(&dprim::Key::root()),
+                        Some(etcd_client::GetOptions::new().with_count_only()),
+                    ),
+                )
+                .await
+                .map(|resp| resp.header().map_or(0, |h| h.revision()))
+                .map_err(|e| (e.kind(), e.message().to_string(), e.is_temporary()));
+            for tx in batch {
+                let _ = tx.send(read.clone());
+            }
+        }
+    }
+
     /// Runs one unary request with the configured timeout.
     pub(crate) async fn call<T, F>(&self, what: &str, f: F) -> Result<T>
     where
@@ -159,6 +245,7 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         client,
         layout: Layout::new(namespace.as_str()),
         request_timeout: config.request_timeout,
+        revisions: Arc::default(),
     };
     // etcd-client connects lazily: prove the cluster answers (and that the
     // credentials work) before handing the backend out.

@@ -1,8 +1,13 @@
 //! Queues on etcd.
 //!
-//! A message is a key under `!m/` whose create revision is its id and its
-//! place in FIFO order; its value is the attempt count (4 bytes) plus the
-//! payload. An in-flight delivery is a claim key under `!c/` holding
+//! A message is a key under `!m/<order><random>` whose create revision is
+//! its id; its value is the attempt count (4 bytes) plus the payload. The
+//! order part is the store's revision read just before the push (16 hex
+//! digits), so keys sort in push order: a push that starts after another
+//! returned reads a revision at least that push's own. Pulls then read the
+//! oldest messages as a plain key range with a limit, which etcd serves
+//! without reading the rest of the queue (a sort by create revision makes
+//! it read and sort every message, on every pull). An in-flight delivery is a claim key under `!c/` holding
 //! `<visible-at unix ms>:<nonce>`, attached to the consumer's lease when the
 //! pull names a session (so session loss deletes the claim and the message
 //! is visible again at once). Claiming is one txn comparing both keys'
@@ -17,10 +22,7 @@ use dprim::queue::{
     Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
 };
 use dprim::{Error, Key, Result, Value};
-use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, TxnOp, TxnOpResponse,
-    WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, TxnOp, TxnOpResponse, WatchOptions};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,10 +113,9 @@ fn join_message(attempts: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Every key under `prefix`, in key order (for messages: push order).
 fn get_range(prefix: &[u8]) -> GetOptions {
-    GetOptions::new()
-        .with_range(prefix_end(prefix))
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
+    GetOptions::new().with_range(prefix_end(prefix))
 }
 
 /// Messages a pull reads at a time, oldest first, keys only: a pull looks
@@ -236,26 +237,36 @@ impl EtcdQueue {
         })
     }
 
-    /// The `n` oldest messages created after revision `after`, as of
-    /// `revision`, and whether more follow.
+    /// The keys of the `n` oldest messages after the message `after`, as
+    /// of `revision`, and whether more follow.
     async fn messages_after(
         &self,
-        after: i64,
+        after: &[u8],
         revision: i64,
         n: i64,
     ) -> Result<(Vec<KeyValue>, bool)> {
+        let mut from = after.to_vec();
+        from.push(0);
         let options = get_range(&self.messages)
-            .with_min_create_revision(after + 1)
+            .with_keys_only()
             .with_revision(revision)
             .with_limit(n);
         let resp = self
             .etcd
-            .call(
-                "get",
-                self.etcd.kv().get(self.messages.clone(), Some(options)),
-            )
+            .call("get", self.etcd.kv().get(from, Some(options)))
             .await?;
         Ok((resp.kvs().to_vec(), resp.more()))
+    }
+
+    /// A new message key of queue `messages` (its `!m/` prefix), after
+    /// every message whose push returned before this call.
+    async fn new_message_key(&self, messages: &[u8]) -> Result<Vec<u8>> {
+        let revision = self.etcd.current_revision().await?;
+        let mut key = messages.to_vec();
+        key.extend_from_slice(
+            format!("{:016x}{:016x}", revision, rand::random::<u64>()).as_bytes(),
+        );
+        Ok(key)
     }
 
     /// Moves a message to the dead-letter queue if nobody changed it meanwhile.
@@ -267,9 +278,9 @@ impl EtcdQueue {
     ) -> Result<bool> {
         let dlq = options.dead_letter_for(&self.name)?;
         let (_, payload) = split_message(msg.value());
-        let target = self.etcd.layout.queue_messages(&dlq);
-        let mut new_key = target;
-        new_key.extend_from_slice(format!("{:016x}", rand::random::<u64>()).as_bytes());
+        let new_key = self
+            .new_message_key(&self.etcd.layout.queue_messages(&dlq))
+            .await?;
         let claim_key = self.claim_key(msg.key());
         let claim_rev = claim.map_or(0, |c| c.mod_revision());
         let txn = etcd_client::Txn::new()
@@ -440,7 +451,7 @@ impl EtcdQueue {
             match page.last() {
                 Some(last) if more => {
                     (page, more) = self
-                        .messages_after(last.create_revision(), snap.revision, PULL_PAGE)
+                        .messages_after(last.key(), snap.revision, PULL_PAGE)
                         .await?;
                 }
                 _ => break,
@@ -542,7 +553,7 @@ impl Queue for EtcdQueue {
     }
 
     async fn push(&self, payload: Value) -> Result<MessageId> {
-        let key = self.message_key(&format!("{:016x}", rand::random::<u64>()));
+        let key = self.new_message_key(&self.messages).await?;
         let resp = self
             .etcd
             .call(
