@@ -83,7 +83,7 @@ pub async fn open_config(config: &Config) -> Result<Backend> {
     match tokio::time::timeout(timeout, registry.open(backend_config)).await {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(format!(
-            "could not open the `{}` backend within connect_timeout ({})",
+            "could not open the `{}` backend within connect_timeout ({}); check `endpoints`, that the servers run and are reachable, and that `tls` matches how they listen",
             backend_config.kind,
             humantime::format_duration(timeout)
         ))

@@ -187,6 +187,26 @@ fn unknown_backend_kind_lists_the_kinds() {
 }
 
 #[test]
+fn unreachable_servers_are_reported_with_what_to_check() {
+    // Port 1 on loopback refuses connections: every backend says so at
+    // once, naming the endpoints and what to check, not after a timeout.
+    for kind in ["etcd", "zookeeper", "nats"] {
+        let config = write_config(
+            &format!("unreachable-{kind}"),
+            &format!(
+                "[backend]\nkind = \"{kind}\"\nendpoints = [\"127.0.0.1:1\"]\nconnect_timeout = \"20s\"\n"
+            ),
+        );
+        let o = run(&["--config", config.to_str().unwrap(), "check"]);
+        assert_ne!(code(&o), 0, "{kind}");
+        let err = stderr(&o);
+        assert!(err.contains("check `endpoints`"), "{kind}: {err}");
+        assert!(err.contains("127.0.0.1:1"), "{kind}: {err}");
+        assert!(!err.contains("panicked"), "{kind}: {err}");
+    }
+}
+
+#[test]
 fn missing_config_file_is_a_config_error() {
     let path = temp_dir("missing").join("nope.toml");
     let o = run(&["--config", path.to_str().unwrap(), "check"]);

@@ -80,8 +80,15 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// Opens a new ZooKeeper session with the configured endpoints and auth.
-    async fn open(&self, timeout: Duration) -> Result<Client> {
+    /// `fail_fast`: give up once every endpoint refused (the backend's first
+    /// connection, so a wrong address is reported at once, as the other
+    /// backends do); otherwise keep trying them until the timeout (a
+    /// session opened while the ensemble elects a leader).
+    async fn open(&self, timeout: Duration, fail_fast: bool) -> Result<Client> {
         let mut connector = Client::connector().with_session_timeout(timeout);
+        if fail_fast {
+            connector = connector.with_fail_eagerly();
+        }
         if let Some(auth) = &self.auth {
             connector = connector.with_auth("digest", auth);
         }
@@ -107,6 +114,12 @@ impl Conn {
         };
         match tokio::time::timeout(self.connect_timeout + self.request_timeout, connecting).await {
             Ok(Ok(c)) => Ok(c),
+            Ok(Err(zookeeper_client::Error::NoHosts)) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("no zookeeper server could be reached; {check}"),
+            )
+            .with_context("endpoints", &cluster)
+            .temporary()),
             Ok(Err(e)) => Err(map_error(e).with_context("endpoints", &cluster)),
             Err(_) => Err(Error::new(
                 ErrorKind::Unavailable,
@@ -163,7 +176,7 @@ impl Zk {
 
     /// Opens a new ZooKeeper session with the configured endpoints and auth.
     pub(crate) async fn open_client(&self, timeout: Duration) -> Result<Client> {
-        self.0.conn.open(timeout).await
+        self.0.conn.open(timeout, false).await
     }
 
     /// The backend's own client. ZooKeeper clients never open a new session
@@ -324,7 +337,7 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
         auth,
         tls,
     };
-    let first = conn.open(MAIN_SESSION_TIMEOUT).await?;
+    let first = conn.open(MAIN_SESSION_TIMEOUT, true).await?;
     let shared = Shared {
         conn,
         request_timeout: config.request_timeout,
