@@ -664,22 +664,34 @@ impl Queue for EtcdQueue {
 
     async fn depth(&self) -> Result<QueueDepth> {
         self.sweep_feeders().await?;
-        let snap = self.snapshot(Messages::KeysOnly).await?;
+        // Messages are counted, not read: a claim never outlives its
+        // message (ack and dead-lettering delete both in one txn; a lease
+        // removes only claims), so the held claims are the in-flight ones.
+        let txn = etcd_client::Txn::new().and_then([
+            TxnOp::get(
+                self.messages.clone(),
+                Some(get_range(&self.messages).with_count_only()),
+            ),
+            TxnOp::get(self.claims.clone(), Some(get_range(&self.claims))),
+        ]);
+        let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let total = gets.next().map_or(0, |g| g.count().max(0) as u64);
         let now = now_ms();
-        let mut depth = QueueDepth::default();
-        for msg in &snap.messages {
-            let suffix = &msg.key()[self.messages.len()..];
-            let held = snap
-                .claims
-                .get(suffix)
+        let held = gets.next().map_or(0, |g| {
+            g.kvs()
+                .iter()
                 .map(parse_claim)
-                .is_some_and(|c| c.visible_at > now && c.nonce != NOBODY);
-            if held {
-                depth.in_flight += 1;
-            } else {
-                depth.ready += 1;
-            }
-        }
-        Ok(depth)
+                .filter(|c| c.visible_at > now && c.nonce != NOBODY)
+                .count() as u64
+        });
+        let in_flight = held.min(total);
+        Ok(QueueDepth {
+            ready: total - in_flight,
+            in_flight,
+        })
     }
 }
