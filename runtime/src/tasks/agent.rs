@@ -408,6 +408,9 @@ impl Runner {
                 launch,
                 seq: state.seq,
                 event,
+                made_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
             },
         });
         self.save();

@@ -130,6 +130,11 @@ pub(crate) struct Report {
     pub launch: u32,
     pub seq: u64,
     pub event: ReportEvent,
+    /// When the agent made the report, in wall-clock milliseconds since the
+    /// epoch (0 from agents that predate it). A report left on a forgotten
+    /// task is deleted one retention after this, whichever leader sees it.
+    #[serde(default)]
+    pub made_ms: u64,
 }
 
 /// An agent's registration.

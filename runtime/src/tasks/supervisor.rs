@@ -115,11 +115,12 @@ struct World {
     live: BTreeSet<String>,
     /// Tasks done for good, by when they ended: the next to forget first.
     ended: BTreeSet<(SystemTime, String)>,
-    /// Reports of tasks that have neither spec nor record, by when they
-    /// were first seen so: an agent that was away for longer than a task's
-    /// retention reports on a task forgotten meanwhile. Deleted after the
-    /// retention too (a report that only arrived before its task's spec
-    /// and record has them long before then).
+    /// Reports of tasks that have neither spec nor record, by when their
+    /// agent made them (when first seen so, for reports that do not say):
+    /// an agent that was away for longer than a task's retention reports on
+    /// a task forgotten meanwhile. Deleted after the retention too (a report
+    /// that only arrived before its task's spec and record has them long
+    /// before then: the record is written before the task is assigned).
     orphans: BTreeMap<(String, u32), SystemTime>,
     /// When each task in `ended` ended (to find its entry there).
     ended_at: HashMap<String, SystemTime>,
@@ -185,9 +186,8 @@ impl World {
                 );
                 let unknown = !self.specs.contains_key(&task) && !self.statuses.contains_key(&task);
                 if value.is_some() && unknown {
-                    self.orphans
-                        .entry((task.clone(), launch))
-                        .or_insert_with(SystemTime::now);
+                    let since = orphan_since(self.reports.get(&(task.clone(), launch)));
+                    self.orphans.entry((task.clone(), launch)).or_insert(since);
                 } else {
                     self.orphans.remove(&(task.clone(), launch));
                 }
@@ -269,14 +269,13 @@ impl World {
         } else {
             // Forgotten: any report left of it (one written after the
             // forgetting deleted the reports) is an orphan from now on.
-            let left: Vec<(String, u32)> = self
+            let left: Vec<((String, u32), SystemTime)> = self
                 .reports
                 .range((id.to_string(), 0)..=(id.to_string(), u32::MAX))
-                .map(|(k, _)| k.clone())
+                .map(|(k, r)| (k.clone(), orphan_since(Some(r))))
                 .collect();
-            let now = SystemTime::now();
-            for k in left {
-                self.orphans.entry(k).or_insert(now);
+            for (k, since) in left {
+                self.orphans.entry(k).or_insert(since);
             }
         }
         let ended = self
@@ -1164,6 +1163,17 @@ fn add(total: &mut Resources, r: &Resources) {
     total.ports.extend(&r.ports);
 }
 
+/// Since when a report is an orphan: when its agent made it (so every
+/// leader ages it alike), or now for a report that does not say (or says a
+/// time still to come, from a clock ahead of this one).
+fn orphan_since(report: Option<&Report>) -> SystemTime {
+    let now = SystemTime::now();
+    match report.map(|r| r.made_ms) {
+        Some(ms) if ms > 0 => (std::time::UNIX_EPOCH + Duration::from_millis(ms)).min(now),
+        _ => now,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1261,6 +1271,7 @@ mod tests {
             launch: 1,
             seq,
             event,
+            made_ms: 0,
         };
         let report_key = store::report_key(&id.0, 1).unwrap();
         sup.reconcile(1).await.unwrap();
@@ -1340,6 +1351,7 @@ mod tests {
             launch: 1,
             seq: 1,
             event: ReportEvent::Exited { code: 0 },
+            made_ms: 0,
         };
         store::put(backend, &store::report_key(&id.0, 1).unwrap(), &report)
             .await
@@ -1444,6 +1456,7 @@ mod tests {
             launch,
             seq: 9,
             event,
+            made_ms: 0,
         };
         // An agent away for longer than the retention reports on a task
         // that was forgotten meanwhile; another report is of a known task.
@@ -1471,6 +1484,43 @@ mod tests {
         sup.pass(&mut world, 1).await.unwrap();
         assert!(backend.kv().get(&orphan).await.unwrap().is_none());
         assert!(backend.kv().get(&kept).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_ages_a_left_report_by_when_it_was_made() {
+        let (backend, _, _) = one_task_one_agent().await;
+        let retention = Duration::from_secs(60);
+        let made = |ago: Duration| {
+            (SystemTime::now() - ago)
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        // Two reports left on forgotten tasks: one made longer than the
+        // retention ago (an earlier leader saw it come and then lost
+        // office), one made just now.
+        let old = store::report_key("t-forgotten-old", 1).unwrap();
+        let new = store::report_key("t-forgotten-new", 1).unwrap();
+        for (key, ago) in [(&old, retention * 2), (&new, Duration::ZERO)] {
+            let report = Report {
+                agent: "a1".into(),
+                launch: 1,
+                seq: 3,
+                event: ReportEvent::Exited { code: 0 },
+                made_ms: made(ago),
+            };
+            store::put(&backend, key, &report).await.unwrap();
+        }
+        // A leader that has just taken office deletes the old one at once,
+        // and keeps the new one for its retention.
+        let sup = retaining(&backend, retention);
+        let (mut world, _) = sup.load().await.unwrap();
+        sup.pass(&mut world, 1).await.unwrap();
+        assert!(
+            backend.kv().get(&old).await.unwrap().is_none(),
+            "a report made two retentions ago is still there"
+        );
+        assert!(backend.kv().get(&new).await.unwrap().is_some());
     }
 
     #[test]

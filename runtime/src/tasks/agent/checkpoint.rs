@@ -473,6 +473,7 @@ mod tests {
                     launch: 2,
                     seq,
                     event,
+                    made_ms: 0,
                 },
             });
         }
