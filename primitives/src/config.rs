@@ -88,7 +88,7 @@ impl TlsConfig {
     /// The client certificate and key files, for mutual TLS: both or none.
     ///
     /// # Errors
-    /// `Config` when only one of `cert` and `key` is set.
+    /// `ConfigInvalid` when only one of `cert` and `key` is set.
     pub fn identity(&self) -> Result<Option<(&Path, &Path)>> {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => Ok(Some((cert, key))),
@@ -102,7 +102,7 @@ impl TlsConfig {
     /// Reads one of the TLS files.
     ///
     /// # Errors
-    /// `Config` naming the file when it cannot be read.
+    /// `ConfigInvalid` naming the file when it cannot be read.
     pub fn read(path: &Path) -> Result<Vec<u8>> {
         std::fs::read(path)
             .map_err(|e| Error::config(format!("cannot read TLS file `{}`: {e}", path.display())))

@@ -7,8 +7,8 @@
 //! returned reads a revision at least that push's own. Pulls then read the
 //! oldest messages as a plain key range with a limit, which etcd serves
 //! without reading the rest of the queue (a sort by create revision makes
-//! it read and sort every message, on every pull). An in-flight delivery is a claim key under `!c/` holding
-//! `<visible-at unix ms>:<nonce>`, attached to the consumer's lease when the
+//! it read and sort every message, on every pull). An in-flight delivery
+//! is a claim key under `!c/` holding `<visible-at unix ms>:<nonce>`, attached to the consumer's lease when the
 //! pull names a session (so session loss deletes the claim and the message
 //! is visible again at once). Claiming is one txn comparing both keys'
 //! revisions, so two consumers never hold the same message. Visibility
@@ -113,6 +113,14 @@ fn join_message(attempts: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The answers to a txn's reads, in order.
+fn gets(resp: etcd_client::TxnResponse) -> impl Iterator<Item = etcd_client::GetResponse> {
+    resp.op_responses().into_iter().filter_map(|r| match r {
+        TxnOpResponse::Get(g) => Some(g),
+        _ => None,
+    })
+}
+
 /// Every key under `prefix`, in key order (for messages: push order).
 fn get_range(prefix: &[u8]) -> GetOptions {
     GetOptions::new().with_range(prefix_end(prefix))
@@ -198,10 +206,7 @@ impl EtcdQueue {
         let txn = etcd_client::Txn::new().and_then(reads);
         let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
+        let mut gets = gets(resp);
         let (messages, more) = gets
             .next()
             .map(|g| (g.kvs().to_vec(), g.more()))
@@ -256,6 +261,15 @@ impl EtcdQueue {
             .call("get", self.etcd.kv().get(from, Some(options)))
             .await?;
         Ok((resp.kvs().to_vec(), resp.more()))
+    }
+
+    /// One message with its value, if it is still there.
+    async fn read_message(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        let resp = self
+            .etcd
+            .call("get", self.etcd.kv().get(key.to_vec(), None))
+            .await?;
+        Ok(resp.kvs().first().cloned())
     }
 
     /// A new message key of queue `messages` (its `!m/` prefix), after
@@ -338,15 +352,11 @@ impl EtcdQueue {
                     }
                     _ if msg.version() - 1 < i64::from(snap.options.max_attempts) => {}
                     _ => {
-                        let resp = self
-                            .etcd
-                            .call("get", self.etcd.kv().get(msg.key().to_vec(), None))
-                            .await?;
-                        let Some(msg) = resp.kvs().first() else {
+                        let Some(msg) = queue.read_message(msg.key()).await? else {
                             continue;
                         };
                         if split_message(msg.value()).0 >= snap.options.max_attempts {
-                            queue.dead_letter(&snap.options, msg, claim).await?;
+                            queue.dead_letter(&snap.options, &msg, claim).await?;
                         }
                     }
                 }
@@ -361,9 +371,9 @@ impl EtcdQueue {
         options: &PullOptions,
     ) -> Result<(Option<Delivery>, Option<i64>, i64)> {
         let mut next_change = self.sweep_feeders().await?;
-        let snap = self.snapshot(Messages::Oldest(PULL_PAGE)).await?;
+        let mut snap = self.snapshot(Messages::Oldest(PULL_PAGE)).await?;
         let now = now_ms();
-        let (mut page, mut more) = (snap.messages.clone(), snap.more);
+        let (mut page, mut more) = (std::mem::take(&mut snap.messages), snap.more);
         loop {
             for msg in &page {
                 let suffix = &msg.key()[self.messages.len()..];
@@ -381,20 +391,14 @@ impl EtcdQueue {
                 let fetched;
                 let msg = match &snap.oldest {
                     Some(o) if o.key() == msg.key() && o.mod_revision() == msg.mod_revision() => o,
-                    _ => {
-                        let resp = self
-                            .etcd
-                            .call("get", self.etcd.kv().get(msg.key().to_vec(), None))
-                            .await?;
-                        match resp.kvs().first() {
-                            Some(kv) => {
-                                fetched = kv.clone();
-                                &fetched
-                            }
-                            // Acked or dead-lettered meanwhile.
-                            None => continue,
+                    _ => match self.read_message(msg.key()).await? {
+                        Some(kv) => {
+                            fetched = kv;
+                            &fetched
                         }
-                    }
+                        // Acked or dead-lettered meanwhile.
+                        None => continue,
+                    },
                 };
                 let (attempts, payload) = split_message(msg.value());
                 if attempts >= snap.options.max_attempts {
@@ -480,12 +484,9 @@ impl EtcdQueue {
         let txn = etcd_client::Txn::new()
             .and_then([TxnOp::get(msg_key, None), TxnOp::get(claim_key, None)]);
         let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().cloned().map(Some),
-            _ => None,
-        });
-        let msg = gets.next().flatten();
-        let claim = gets.next().flatten();
+        let mut gets = gets(resp);
+        let msg = gets.next().and_then(|g| g.kvs().first().cloned());
+        let claim = gets.next().and_then(|g| g.kvs().first().cloned());
         match (msg, claim) {
             (None, _) => Ok(None),
             (Some(m), Some(c)) => {
@@ -675,10 +676,7 @@ impl Queue for EtcdQueue {
             TxnOp::get(self.claims.clone(), Some(get_range(&self.claims))),
         ]);
         let resp = self.etcd.call("txn", self.etcd.kv().txn(txn)).await?;
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
+        let mut gets = gets(resp);
         let total = gets.next().map_or(0, |g| g.count().max(0) as u64);
         let now = now_ms();
         let held = gets.next().map_or(0, |g| {

@@ -7,7 +7,7 @@
 mod support;
 
 use dprim::{Config, ErrorKind, Registry};
-use dprim_conformance::{ConfigHarness, Outcome, RunOptions};
+use dprim_conformance::{ConfigHarness, RunOptions};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -144,14 +144,7 @@ async fn tls_and_password_auth() {
         };
         let report = dprim_conformance::run(harness.clone(), options, &mut |_| {}).await;
         assert!(report.passed() > 0, "no case matched {filter}");
-        assert!(
-            report
-                .cases
-                .iter()
-                .all(|c| matches!(c.outcome, Outcome::Passed)),
-            "{}",
-            report.table()
-        );
+        assert_eq!(report.passed(), report.cases.len(), "{}", report.table());
         assert!(!report.to_json().contains(PASSWORD));
     }
 

@@ -378,8 +378,8 @@ pub async fn connect(config: &BackendConfig) -> Result<Backend> {
 /// The client's TLS settings from the config's `tls` table.
 fn tls_options(tls: &dprim::config::TlsConfig) -> Result<zookeeper_client::TlsOptions> {
     use dprim::config::TlsConfig;
-    let pem = |bytes: Vec<u8>, path: &std::path::Path| {
-        String::from_utf8(bytes)
+    let read_pem = |path: &std::path::Path| {
+        String::from_utf8(TlsConfig::read(path)?)
             .map_err(|_| Error::config(format!("TLS file `{}` is not PEM text", path.display())))
     };
     let unusable = |path: &std::path::Path, e: zookeeper_client::Error| {
@@ -395,13 +395,11 @@ fn tls_options(tls: &dprim::config::TlsConfig) -> Result<zookeeper_client::TlsOp
         ));
     };
     let mut options = zookeeper_client::TlsOptions::new()
-        .with_pem_ca(&pem(TlsConfig::read(ca)?, ca)?)
+        .with_pem_ca(&read_pem(ca)?)
         .map_err(|e| unusable(ca, e))?;
     if let Some((cert, key)) = tls.identity()? {
-        let cert_pem = pem(TlsConfig::read(cert)?, cert)?;
-        let key_pem = pem(TlsConfig::read(key)?, key)?;
         options = options
-            .with_pem_identity(&cert_pem, &key_pem)
+            .with_pem_identity(&read_pem(cert)?, &read_pem(key)?)
             .map_err(|e| unusable(cert, e))?;
     }
     Ok(options)

@@ -9,7 +9,7 @@
 mod support;
 
 use dprim::{Config, ErrorKind, Registry};
-use dprim_conformance::{ConfigHarness, Outcome, RunOptions};
+use dprim_conformance::{ConfigHarness, RunOptions};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -103,14 +103,7 @@ async fn tls_with_client_certificates() {
         };
         let report = dprim_conformance::run(harness.clone(), options, &mut |_| {}).await;
         assert!(report.passed() > 0, "no case matched {filter}");
-        assert!(
-            report
-                .cases
-                .iter()
-                .all(|c| matches!(c.outcome, Outcome::Passed)),
-            "{}",
-            report.table()
-        );
+        assert_eq!(report.passed(), report.cases.len(), "{}", report.table());
     }
 
     // The server wants a client certificate: without one, refused.
