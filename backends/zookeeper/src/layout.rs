@@ -7,8 +7,9 @@
 //! /<ns>/!lock/<name>/!/w-<seq>         lock waiters (ephemeral sequential)
 //! /<ns>/!elect/<name>/!/c-<seq>        candidates (data = candidate value)
 //! /<ns>/!topic/<topic>/!/m-<seq>       recent messages of a topic
-//! /<ns>/!queue/<name>/!m/m-<seq>       queue messages
-//! /<ns>/!queue/<name>/!c/m-<seq>       claims (in-flight deliveries)
+//! /<ns>/!queue/<name>/!m/b-<k>/m-<seq> queue messages, in buckets of about BUCKET_SPAN
+//! /<ns>/!queue/<name>/!c/b-<k>.m-<seq> claims (in-flight deliveries)
+//! /<ns>/!queue/<name>/!l/b-<k>.m-<seq> last-attempt markers (for the dead-letter sweep)
 //! /<ns>/!queue/<name>/!options         queue options
 //! /<ns>/!queue/<name>/!f/<queue>       <queue> dead-letters into <name>
 //! ```

@@ -24,6 +24,8 @@ mod pubsub;
 mod queue;
 mod session;
 
+pub use queue::BUCKET_SPAN;
+
 use dprim::capabilities::{
     Capabilities, KvCapabilities, LockCapabilities, PubSubCapabilities, QueueCapabilities,
     SessionCapabilities,

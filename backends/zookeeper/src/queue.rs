@@ -1,16 +1,31 @@
 //! Queues on znodes.
 //!
-//! A message is a persistent-sequential znode under `!m/`: its sequence is
-//! its place in FIFO order and its czxid its id; its data is the attempt
-//! count (4 bytes) plus the payload. An in-flight delivery is a claim znode
-//! under `!c/` with the message's name, holding `<visible-at unix ms>:<nonce>`;
-//! when the pull names a session the claim is an ephemeral znode of that
-//! session (created through its connection), so session loss deletes it and
-//! the message is visible again at once. Claiming is one `multi` guarded by
-//! both znodes' versions, so two consumers never hold the same message.
+//! Messages live in buckets: a message is a persistent-sequential znode
+//! `!m/b-<k>/m-<seq>`, and the bucket number with the sequence is its place
+//! in FIFO order and its id; its data is the attempt count (4 bytes) plus
+//! the payload. A bucket takes about [`BUCKET_SPAN`] messages; then a pusher
+//! seals it (sets its data, so its version is no longer 0) and creates the
+//! next one. A push is one `multi` that checks its bucket's version is still
+//! 0, so no message lands in a bucket once a later one has taken messages,
+//! and bucket order stays push order. A pull lists the bucket names and then
+//! only the buckets it walks, so what it reads follows the messages held, not
+//! the backlog; an empty sealed bucket with a later one after it is deleted
+//! by the pull that finds it (the last bucket never is, so bucket numbers
+//! are never reused).
+//!
+//! An in-flight delivery is a claim znode `!c/<bucket>.<message>` holding
+//! `<visible-at unix ms>:<nonce>`; when the pull names a session the claim is
+//! an ephemeral znode of that session (created through its connection), so
+//! session loss deletes it and the message is visible again at once.
+//! Claiming is one `multi` guarded by both znodes' versions, so two consumers
+//! never hold the same message. The claim of a message's last allowed
+//! attempt (marked `:last`) also creates a persistent marker
+//! `!l/<bucket>.<message>`, which outlives an ephemeral claim: the
+//! dead-letter sweep reads the markers of its feeders, not their backlogs.
 //! Visibility deadlines are wall-clock milliseconds: consumers' clocks should
 //! agree to well under a visibility timeout (NTP-level).
 
+use crate::error::map_error;
 use crate::layout::sequence;
 use crate::Zk;
 use async_trait::async_trait;
@@ -19,12 +34,30 @@ use dprim::queue::{
 };
 use dprim::{Error, ErrorKind, Key, Result, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use zookeeper_client::{Client, CreateMode, Stat};
+use zookeeper_client::{
+    Client, CreateMode, MultiReadResult, MultiWriteError, MultiWriteResult, Stat,
+};
 
 /// Marks a claim that nobody holds (a nack with delay).
 const NOBODY: &str = "-";
+
+/// Marks the claim of a message's last allowed attempt.
+const LAST: &str = "last";
+
+/// Sequence numbers a queue's message bucket takes before it is sealed.
+/// ZooKeeper numbers a directory's children by its child version, which
+/// deletes advance too, so a bucket holds about this many messages at most
+/// (a few more when pushes race the seal).
+pub const BUCKET_SPAN: i64 = 1024;
+
+/// Znodes read in one multi-read request.
+const READ_BATCH: usize = 128;
+
+/// How often an append looks for an open bucket before giving up; each miss
+/// means another pusher sealed the bucket in between.
+const APPEND_TRIES: usize = 16;
 
 pub(crate) struct ZkQueues {
     zk: Zk,
@@ -46,6 +79,49 @@ fn unflat(s: &str) -> Option<Key> {
     Key::new(s.replace('!', "/")).ok()
 }
 
+fn bucket_name(bucket: u64) -> String {
+    format!("b-{bucket:010}")
+}
+
+fn parse_bucket(name: &str) -> Option<u64> {
+    name.strip_prefix("b-")?.parse().ok()
+}
+
+/// Where a message is: its bucket and its name in that bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Place {
+    bucket: u64,
+    name: String,
+}
+
+impl Place {
+    /// `<bucket>.<message>`: the name of the message's claim and marker,
+    /// and the first part of its receipts.
+    fn id(&self) -> String {
+        format!("{}.{}", bucket_name(self.bucket), self.name)
+    }
+
+    fn parse(id: &str) -> Option<Place> {
+        let (bucket, name) = id.split_once('.')?;
+        let valid = name.starts_with("m-") && !name.contains('/') && sequence(name).is_some();
+        let bucket = parse_bucket(bucket).filter(|_| valid)?;
+        Some(Place {
+            bucket,
+            name: name.to_string(),
+        })
+    }
+
+    fn sequence(&self) -> i64 {
+        sequence(&self.name).unwrap_or(0)
+    }
+
+    /// Unique in its queue: buckets are never renumbered and ZooKeeper
+    /// sequences are 31-bit.
+    fn message_id(&self) -> MessageId {
+        MessageId((self.bucket << 32) | (self.sequence() as u64 & 0xffff_ffff))
+    }
+}
+
 #[async_trait]
 impl Queues for ZkQueues {
     async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>> {
@@ -54,6 +130,7 @@ impl Queues for ZkQueues {
         let client = self.zk.client().await?;
         self.zk.mkdirs(&client, &queue.messages).await?;
         self.zk.mkdirs(&client, &queue.claims).await?;
+        self.zk.mkdirs(&client, &queue.markers).await?;
         let effective = match options {
             Some(options) => {
                 options.validate(name)?;
@@ -108,6 +185,9 @@ struct ZkQueue {
     dir: String,
     messages: String,
     claims: String,
+    markers: String,
+    /// The bucket this handle pushes to, once looked up.
+    tail: Mutex<Option<u64>>,
 }
 
 fn now_ms() -> i64 {
@@ -119,14 +199,24 @@ fn now_ms() -> i64 {
 struct Claim {
     visible_at: i64,
     nonce: String,
+    last: bool,
 }
 
 fn parse_claim(raw: &[u8]) -> Claim {
     let text = String::from_utf8_lossy(raw);
-    let (at, nonce) = text.split_once(':').unwrap_or(("0", NOBODY));
+    let mut parts = text.splitn(3, ':');
     Claim {
-        visible_at: at.parse().unwrap_or(0),
-        nonce: nonce.to_string(),
+        visible_at: parts.next().and_then(|at| at.parse().ok()).unwrap_or(0),
+        nonce: parts.next().unwrap_or(NOBODY).to_string(),
+        last: parts.next() == Some(LAST),
+    }
+}
+
+fn claim_data(visible_at: i64, nonce: &str, last: bool) -> Vec<u8> {
+    if last {
+        format!("{visible_at}:{nonce}:{LAST}").into_bytes()
+    } else {
+        format!("{visible_at}:{nonce}").into_bytes()
     }
 }
 
@@ -147,20 +237,53 @@ fn join_message(attempts: u32, payload: &[u8]) -> Vec<u8> {
 
 type Node = (Vec<u8>, Stat);
 
+/// What a pull that found nothing waits for: a change to one of these
+/// directories (each with the child version the pull saw), or the moment a
+/// held message may become visible.
+#[derive(Default)]
+struct Idle {
+    dirs: Vec<(String, i32)>,
+    next_change: Option<i64>,
+}
+
+impl Idle {
+    fn visible_at(&mut self, at: i64) {
+        self.next_change = Some(self.next_change.map_or(at, |n| n.min(at)));
+    }
+}
+
 impl ZkQueue {
     fn new(zk: Zk, name: Key) -> ZkQueue {
         let dir = zk.layout().queue(&name);
         ZkQueue {
             messages: format!("{dir}/!m"),
             claims: format!("{dir}/!c"),
+            markers: format!("{dir}/!l"),
             dir,
             zk,
             name,
+            tail: Mutex::new(None),
         }
     }
 
     fn options_path(&self) -> String {
         format!("{}/!options", self.dir)
+    }
+
+    fn bucket_path(&self, bucket: u64) -> String {
+        format!("{}/{}", self.messages, bucket_name(bucket))
+    }
+
+    fn message_path(&self, place: &Place) -> String {
+        format!("{}/{}", self.bucket_path(place.bucket), place.name)
+    }
+
+    fn claim_path(&self, place: &Place) -> String {
+        format!("{}/{}", self.claims, place.id())
+    }
+
+    fn marker_path(&self, place: &Place) -> String {
+        format!("{}/{}", self.markers, place.id())
     }
 
     async fn options(&self, client: &Client) -> Result<QueueOptions> {
@@ -186,25 +309,187 @@ impl ZkQueue {
         }
     }
 
-    async fn children(&self, client: &Client, dir: &str) -> Result<Vec<String>> {
-        match self.zk.call("list", client.list_children(dir)).await {
-            Ok(c) => Ok(c),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+    /// A directory's children and stat; none for a missing directory.
+    async fn children(&self, client: &Client, dir: &str) -> Result<(Vec<String>, Option<Stat>)> {
+        match self.zk.call("list", client.get_children(dir)).await {
+            Ok((children, stat)) => Ok((children, Some(stat))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok((Vec::new(), None)),
             Err(e) => Err(e),
         }
     }
 
-    /// Message names in FIFO order, and every claim by message name.
-    async fn snapshot(&self, client: &Client) -> Result<(Vec<String>, HashMap<String, Node>)> {
-        let mut messages = self.children(client, &self.messages).await?;
-        messages.sort_by_key(|m| sequence(m).unwrap_or(i64::MAX));
-        let mut claims = HashMap::new();
-        for c in self.children(client, &self.claims).await? {
-            if let Some(node) = self.get(client, &format!("{}/{c}", self.claims)).await? {
-                claims.insert(c, node);
+    /// Reads znodes, [`READ_BATCH`] to a request; `None` for a missing one.
+    async fn read_all(&self, client: &Client, paths: &[String]) -> Result<Vec<Option<Node>>> {
+        let mut nodes = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(READ_BATCH) {
+            let mut reader = client.new_multi_reader();
+            for path in batch {
+                reader.add_get_data(path).map_err(map_error)?;
+            }
+            for read in self.zk.call("multi read", reader.commit()).await? {
+                nodes.push(match read {
+                    MultiReadResult::Data { data, stat } => Some((data, stat)),
+                    MultiReadResult::Error {
+                        err: zookeeper_client::Error::NoNode,
+                    } => None,
+                    MultiReadResult::Error { err } => return Err(map_error(err)),
+                    _ => None,
+                });
             }
         }
-        Ok((messages, claims))
+        Ok(nodes)
+    }
+
+    /// Bucket numbers, oldest first, and the stat of their directory.
+    async fn buckets(&self, client: &Client) -> Result<(Vec<u64>, Option<Stat>)> {
+        let (names, stat) = self.children(client, &self.messages).await?;
+        let mut buckets: Vec<u64> = names.iter().filter_map(|n| parse_bucket(n)).collect();
+        buckets.sort_unstable();
+        Ok((buckets, stat))
+    }
+
+    /// Every claim by message id, and the stat of their directory.
+    async fn claims(&self, client: &Client) -> Result<(HashMap<String, Node>, Option<Stat>)> {
+        let (names, stat) = self.children(client, &self.claims).await?;
+        let paths: Vec<String> = names
+            .iter()
+            .map(|c| format!("{}/{c}", self.claims))
+            .collect();
+        let nodes = self.read_all(client, &paths).await?;
+        let claims = names
+            .into_iter()
+            .zip(nodes)
+            .filter_map(|(name, node)| Some((name, node?)))
+            .collect();
+        Ok((claims, stat))
+    }
+
+    fn cached_tail(&self) -> Option<u64> {
+        *self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_tail(&self, bucket: Option<u64>) {
+        *self.tail.lock().unwrap_or_else(PoisonError::into_inner) = bucket;
+    }
+
+    /// The bucket to push to now: the last one, or the one after it
+    /// (created here) when it is sealed.
+    async fn find_tail(&self, client: &Client) -> Result<u64> {
+        let (buckets, _) = self.buckets(client).await?;
+        let Some(&last) = buckets.last() else {
+            self.zk.mkdirs(client, &self.bucket_path(0)).await?;
+            return Ok(0);
+        };
+        match self.get(client, &self.bucket_path(last)).await? {
+            // A pusher sealed it and stopped before it created the next one.
+            Some((_, stat)) if stat.version > 0 => {
+                self.create_bucket(client, last + 1).await?;
+                Ok(last + 1)
+            }
+            _ => Ok(last),
+        }
+    }
+
+    async fn create_bucket(&self, client: &Client, bucket: u64) -> Result<()> {
+        let options = self.zk.options(CreateMode::Persistent);
+        let path = self.bucket_path(bucket);
+        match self
+            .zk
+            .call("create", client.create(&path, &[], &options))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Seals `bucket` (its version leaves 0, so pushes checking it fail) and
+    /// creates the next one.
+    async fn seal(&self, client: &Client, bucket: u64) -> Result<()> {
+        let path = self.bucket_path(bucket);
+        match self
+            .zk
+            .call("seal", client.set_data(&path, b"sealed", Some(0)))
+            .await
+        {
+            Ok(_) => {}
+            // Sealed by another pusher already.
+            Err(e) if e.kind() == ErrorKind::Conflict => {}
+            Err(e) => return Err(e),
+        }
+        self.create_bucket(client, bucket + 1).await?;
+        self.set_tail(Some(bucket + 1));
+        Ok(())
+    }
+
+    /// Appends a message with attempt count 0, in one `multi` with
+    /// `deletes` (path, version) that must happen with it. Returns its
+    /// place, or `None` when one of `deletes` failed.
+    async fn append(
+        &self,
+        client: &Client,
+        payload: &[u8],
+        deletes: &[(String, i32)],
+    ) -> Result<Option<Place>> {
+        let data = join_message(0, payload);
+        let sequential = self.zk.options(CreateMode::PersistentSequential);
+        for _ in 0..APPEND_TRIES {
+            let bucket = match self.cached_tail() {
+                Some(bucket) => bucket,
+                None => {
+                    let bucket = self.find_tail(client).await?;
+                    self.set_tail(Some(bucket));
+                    bucket
+                }
+            };
+            let bucket_path = self.bucket_path(bucket);
+            let mut w = client.new_multi_writer();
+            for (path, version) in deletes {
+                w.add_delete(path, Some(*version)).map_err(map_error)?;
+            }
+            w.add_check_version(&bucket_path, 0).map_err(map_error)?;
+            w.add_create(&format!("{bucket_path}/m-"), &data, &sequential)
+                .map_err(map_error)?;
+            match w.commit().await {
+                Ok(results) => {
+                    let name = results.into_iter().find_map(|r| match r {
+                        MultiWriteResult::Create { path, .. } => {
+                            path.rsplit('/').next().map(str::to_string)
+                        }
+                        _ => None,
+                    });
+                    let place = name
+                        .map(|name| Place { bucket, name })
+                        .filter(|p| sequence(&p.name).is_some())
+                        .ok_or_else(|| {
+                            Error::unexpected(format!(
+                                "zookeeper did not name the message it created in {bucket_path}"
+                            ))
+                        })?;
+                    if place.sequence() >= BUCKET_SPAN - 1 {
+                        // The message is stored whatever happens here: a
+                        // failed seal only lets the bucket grow until the
+                        // next push past the span seals it.
+                        if let Err(e) = self.seal(client, bucket).await {
+                            tracing::debug!(bucket = %bucket_path, error = %e, "could not seal a full queue bucket");
+                        }
+                    }
+                    return Ok(Some(place));
+                }
+                // The bucket was sealed (or is not there yet): look again.
+                Err(MultiWriteError::OperationFailed { index, .. }) if index == deletes.len() => {
+                    self.set_tail(None);
+                }
+                Err(MultiWriteError::OperationFailed { .. }) => return Ok(None),
+                Err(MultiWriteError::RequestFailed { source }) => return Err(map_error(source)),
+            }
+        }
+        Err(Error::unexpected(format!(
+            "no open bucket in {} after {APPEND_TRIES} tries: other pushers keep sealing them",
+            self.messages
+        ))
+        .temporary())
     }
 
     /// Moves a message to the dead-letter queue if nobody changed it meanwhile.
@@ -212,182 +497,233 @@ impl ZkQueue {
         &self,
         client: &Client,
         options: &QueueOptions,
-        name: &str,
+        place: &Place,
         msg: &Node,
         claim: Option<&Node>,
     ) -> Result<bool> {
         let dlq = ZkQueue::new(self.zk.clone(), options.dead_letter_for(&self.name)?);
-        self.zk.mkdirs(client, &dlq.messages).await?;
         let (_, payload) = split_message(&msg.0);
-        let mut w = client.new_multi_writer();
-        let map = crate::error::map_error;
-        w.add_delete(&format!("{}/{name}", self.messages), Some(msg.1.version))
-            .map_err(map)?;
+        let mut deletes = vec![(self.message_path(place), msg.1.version)];
         if let Some(c) = claim {
-            w.add_delete(&format!("{}/{name}", self.claims), Some(c.1.version))
-                .map_err(map)?;
+            deletes.push((self.claim_path(place), c.1.version));
         }
-        w.add_create(
-            &format!("{}/m-", dlq.messages),
-            &join_message(0, payload),
-            &self.zk.options(CreateMode::PersistentSequential),
-        )
-        .map_err(map)?;
-        Ok(w.commit().await.is_ok())
+        let moved = dlq.append(client, payload, &deletes).await?.is_some();
+        if moved {
+            self.forget_marker(client, place).await;
+        }
+        Ok(moved)
     }
 
-    /// Dead-letters every visible message of each feeding queue that used
-    /// up its attempts; returns the earliest moment a feeder's in-flight
-    /// delivery may time out (and so need sweeping).
+    /// Deletes the last-attempt marker of a message that is gone. A marker
+    /// left behind (this failed, or the process stopped) is deleted by the
+    /// next dead-letter sweep, which finds its message gone.
+    async fn forget_marker(&self, client: &Client, place: &Place) {
+        let path = self.marker_path(place);
+        if let Err(e) = self.zk.call("delete", client.delete(&path, None)).await {
+            if e.kind() != ErrorKind::NotFound {
+                tracing::debug!(marker = %path, error = %e, "could not delete a last-attempt marker");
+            }
+        }
+    }
+
+    /// Dead-letters every message of each feeding queue whose last attempt
+    /// is over; returns the earliest moment a feeder's last attempt may time
+    /// out (and so need sweeping).
     async fn sweep_feeders(&self, client: &Client) -> Result<Option<i64>> {
-        let mut next: Option<i64> = None;
-        for f in self.children(client, &format!("{}/!f", self.dir)).await? {
+        let mut next = Idle::default();
+        let (feeders, _) = self.children(client, &format!("{}/!f", self.dir)).await?;
+        for f in feeders {
             let Some(feeder) = unflat(&f) else { continue };
             let queue = ZkQueue::new(self.zk.clone(), feeder);
             let options = queue.options(client).await?;
             if options.dead_letter_for(&queue.name).ok().as_ref() != Some(&self.name) {
                 continue;
             }
-            let (messages, claims) = queue.snapshot(client).await?;
+            let (markers, _) = queue.children(client, &queue.markers).await?;
+            let places: Vec<Place> = markers.iter().filter_map(|m| Place::parse(m)).collect();
+            let paths: Vec<String> = places
+                .iter()
+                .flat_map(|p| [queue.message_path(p), queue.claim_path(p)])
+                .collect();
+            let mut nodes = queue.read_all(client, &paths).await?.into_iter();
             let now = now_ms();
-            for name in messages {
-                let claim = claims.get(&name);
-                match claim.map(|c| parse_claim(&c.0)) {
-                    Some(c) if c.visible_at > now => {
-                        next = Some(next.map_or(c.visible_at, |n| n.min(c.visible_at)));
-                    }
+            for place in places {
+                let (msg, claim) = (nodes.next().flatten(), nodes.next().flatten());
+                let Some(msg) = msg else {
+                    queue.forget_marker(client, &place).await;
+                    continue;
+                };
+                match claim.as_ref().map(|c| parse_claim(&c.0)) {
+                    Some(c) if c.visible_at > now => next.visible_at(c.visible_at),
                     _ => {
-                        let Some(msg) = queue
-                            .get(client, &format!("{}/{name}", queue.messages))
-                            .await?
-                        else {
-                            continue;
-                        };
                         if split_message(&msg.0).0 >= options.max_attempts {
                             queue
-                                .dead_letter(client, &options, &name, &msg, claim)
+                                .dead_letter(client, &options, &place, &msg, claim.as_ref())
                                 .await?;
                         }
                     }
                 }
             }
         }
-        Ok(next)
+        Ok(next.next_change)
     }
 
-    /// One pass over the queue: claims the first visible message.
-    async fn try_pull(&self, options: &PullOptions) -> Result<(Option<Delivery>, Option<i64>)> {
+    /// One pass over the queue: claims the first visible message, or says
+    /// what to wait for.
+    async fn try_pull(&self, options: &PullOptions) -> Result<std::result::Result<Delivery, Idle>> {
         let client = self.zk.client().await?;
-        let mut next_change = self.sweep_feeders(&client).await?;
+        let mut idle = Idle::default();
+        if let Some(at) = self.sweep_feeders(&client).await? {
+            idle.visible_at(at);
+        }
         let queue_options = self.options(&client).await?;
-        let (messages, claims) = self.snapshot(&client).await?;
+        let (buckets, buckets_stat) = self.buckets(&client).await?;
+        let (claims, claims_stat) = self.claims(&client).await?;
+        if let Some(s) = buckets_stat {
+            idle.dirs.push((self.messages.clone(), s.cversion));
+        }
+        if let Some(s) = claims_stat {
+            idle.dirs.push((self.claims.clone(), s.cversion));
+        }
         // Claims are created through the consumer's session when it names one.
         let (writer, mode) = match &options.session {
             Some(s) => (self.zk.session_client(s)?, CreateMode::Ephemeral),
             None => (client.clone(), CreateMode::Persistent),
         };
         let now = now_ms();
-        for name in messages {
-            let claim = claims.get(&name);
-            if let Some(c) = claim.map(|c| parse_claim(&c.0)) {
-                if c.visible_at > now {
-                    next_change = Some(next_change.map_or(c.visible_at, |n| n.min(c.visible_at)));
-                    continue;
-                }
+        for (i, &bucket) in buckets.iter().enumerate() {
+            let is_last = i + 1 == buckets.len();
+            let path = self.bucket_path(bucket);
+            let (mut names, stat) = self.children(&client, &path).await?;
+            let Some(stat) = stat else { continue };
+            if is_last {
+                idle.dirs.push((path.clone(), stat.cversion));
             }
-            let msg_path = format!("{}/{name}", self.messages);
-            let claim_path = format!("{}/{name}", self.claims);
-            // Read the message and its claim in one snapshot: every claim
-            // change also bumps the message's version, so the versions read
-            // together guard the claim below against a concurrent claimant.
-            let mut reader = client.new_multi_reader();
-            reader
-                .add_get_data(&msg_path)
-                .map_err(crate::error::map_error)?;
-            reader
-                .add_get_data(&claim_path)
-                .map_err(crate::error::map_error)?;
-            let mut read = self
-                .zk
-                .call("multi read", reader.commit())
-                .await?
-                .into_iter();
-            let Some(zookeeper_client::MultiReadResult::Data { data, stat }) = read.next() else {
-                continue;
-            };
-            let msg = (data, stat);
-            let fresh_claim = match read.next() {
-                Some(zookeeper_client::MultiReadResult::Data { data, stat }) => Some((data, stat)),
-                _ => None,
-            };
-            let claim = fresh_claim.as_ref();
-            if let Some(c) = claim.map(|c| parse_claim(&c.0)) {
-                if c.visible_at > now {
-                    next_change = Some(next_change.map_or(c.visible_at, |n| n.min(c.visible_at)));
-                    continue;
+            if names.is_empty() {
+                if !is_last && stat.version > 0 {
+                    // Sealed, empty and followed by another bucket: nothing
+                    // lands here again. A failure only leaves it for the
+                    // next pull.
+                    let _ = self
+                        .zk
+                        .call("delete", client.delete(&path, Some(stat.version)))
+                        .await;
                 }
-            }
-            let (attempts, payload) = split_message(&msg.0);
-            if attempts >= queue_options.max_attempts {
-                self.dead_letter(&client, &queue_options, &name, &msg, claim)
-                    .await?;
                 continue;
             }
-            let nonce = format!("{:016x}", rand::random::<u64>());
-            let visible_at = now + options.visibility_timeout.as_millis() as i64;
-            let mut w = writer.new_multi_writer();
-            let map = crate::error::map_error;
-            w.add_set_data(
-                &msg_path,
-                &join_message(attempts + 1, payload),
-                Some(msg.1.version),
-            )
-            .map_err(map)?;
-            if let Some(c) = claim {
-                w.add_delete(&claim_path, Some(c.1.version)).map_err(map)?;
-            }
-            w.add_create(
-                &claim_path,
-                format!("{visible_at}:{nonce}").as_bytes(),
-                &self.zk.options(mode),
-            )
-            .map_err(map)?;
-            match w.commit().await {
-                Ok(_) => {
-                    return Ok((
-                        Some(Delivery {
-                            id: MessageId(msg.1.czxid as u64),
-                            payload: Value::new(payload.to_vec())?,
-                            attempt: attempts + 1,
-                            receipt: Receipt(format!("{name}.{nonce}")),
-                        }),
-                        None,
-                    ));
-                }
-                Err(e) => {
-                    let e: zookeeper_client::Error = e.into();
-                    if matches!(
-                        e,
-                        zookeeper_client::Error::BadVersion
-                            | zookeeper_client::Error::NoNode
-                            | zookeeper_client::Error::NodeExists
-                    ) {
-                        // Another consumer won this one; try the next.
+            names.sort_by_key(|m| sequence(m).unwrap_or(i64::MAX));
+            for name in names {
+                let place = Place { bucket, name };
+                if let Some(c) = claims.get(&place.id()).map(|c| parse_claim(&c.0)) {
+                    if c.visible_at > now {
+                        idle.visible_at(c.visible_at);
                         continue;
                     }
-                    return Err(crate::error::map_error(e));
+                }
+                let claiming = Claiming {
+                    client: &client,
+                    writer: &writer,
+                    mode,
+                    options,
+                    queue_options: &queue_options,
+                    now,
+                };
+                if let Some(delivery) = self.try_claim(&claiming, &place, &mut idle).await? {
+                    return Ok(Ok(delivery));
                 }
             }
         }
-        Ok((None, next_change))
+        Ok(Err(idle))
     }
 
-    fn parse_receipt(&self, receipt: &Receipt) -> Result<(String, String)> {
+    /// Claims one message unless it is held or dead (then moves it to the
+    /// dead-letter queue).
+    async fn try_claim(
+        &self,
+        c: &Claiming<'_>,
+        place: &Place,
+        idle: &mut Idle,
+    ) -> Result<Option<Delivery>> {
+        let msg_path = self.message_path(place);
+        let claim_path = self.claim_path(place);
+        let marker_path = self.marker_path(place);
+        // Read the message, its claim and its marker in one snapshot: every
+        // claim change also bumps the message's version, so the versions
+        // read together guard the claim below against a concurrent claimant.
+        let paths = [msg_path.clone(), claim_path.clone(), marker_path.clone()];
+        let mut read = self.read_all(c.client, &paths).await?.into_iter();
+        let (msg, claim, marker) = (
+            read.next().flatten(),
+            read.next().flatten(),
+            read.next().flatten(),
+        );
+        let Some(msg) = msg else { return Ok(None) };
+        if let Some(held) = claim.as_ref().map(|c| parse_claim(&c.0)) {
+            if held.visible_at > c.now {
+                idle.visible_at(held.visible_at);
+                return Ok(None);
+            }
+        }
+        let (attempts, payload) = split_message(&msg.0);
+        if attempts >= c.queue_options.max_attempts {
+            self.dead_letter(c.client, c.queue_options, place, &msg, claim.as_ref())
+                .await?;
+            return Ok(None);
+        }
+        let attempt = attempts + 1;
+        let last = marker.is_some() || attempt >= c.queue_options.max_attempts;
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let visible_at = c.now + c.options.visibility_timeout.as_millis() as i64;
+        let mut w = c.writer.new_multi_writer();
+        w.add_set_data(
+            &msg_path,
+            &join_message(attempt, payload),
+            Some(msg.1.version),
+        )
+        .map_err(map_error)?;
+        if let Some(old) = &claim {
+            w.add_delete(&claim_path, Some(old.1.version))
+                .map_err(map_error)?;
+        }
+        w.add_create(
+            &claim_path,
+            &claim_data(visible_at, &nonce, last),
+            &self.zk.options(c.mode),
+        )
+        .map_err(map_error)?;
+        if last && marker.is_none() {
+            w.add_create(&marker_path, &[], &self.zk.options(CreateMode::Persistent))
+                .map_err(map_error)?;
+        }
+        match w.commit().await {
+            Ok(_) => Ok(Some(Delivery {
+                id: place.message_id(),
+                payload: Value::new(payload.to_vec())?,
+                attempt,
+                receipt: Receipt(format!("{}.{nonce}", place.id())),
+            })),
+            Err(e) => {
+                let e: zookeeper_client::Error = e.into();
+                if matches!(
+                    e,
+                    zookeeper_client::Error::BadVersion
+                        | zookeeper_client::Error::NoNode
+                        | zookeeper_client::Error::NodeExists
+                ) {
+                    // Another consumer won this one; try the next.
+                    Ok(None)
+                } else {
+                    Err(map_error(e))
+                }
+            }
+        }
+    }
+
+    fn parse_receipt(&self, receipt: &Receipt) -> Result<(Place, String)> {
         receipt
             .0
-            .split_once('.')
-            .filter(|(a, _)| a.starts_with("m-") && !a.contains('/'))
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .rsplit_once('.')
+            .and_then(|(id, nonce)| Some((Place::parse(id)?, nonce.to_string())))
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "`{receipt}` is not a receipt of the zookeeper backend; pass the receipt printed by pull"
@@ -400,18 +736,16 @@ impl ZkQueue {
         &self,
         client: &Client,
         receipt: &Receipt,
-    ) -> Result<Option<(String, Node, Node)>> {
-        let (name, nonce) = self.parse_receipt(receipt)?;
-        let msg = self
-            .get(client, &format!("{}/{name}", self.messages))
-            .await?;
-        let claim = self.get(client, &format!("{}/{name}", self.claims)).await?;
-        match (msg, claim) {
+    ) -> Result<Option<(Place, Node, Node)>> {
+        let (place, nonce) = self.parse_receipt(receipt)?;
+        let paths = [self.message_path(&place), self.claim_path(&place)];
+        let mut read = self.read_all(client, &paths).await?.into_iter();
+        match (read.next().flatten(), read.next().flatten()) {
             (None, _) => Ok(None),
             (Some(m), Some(c)) => {
                 let parsed = parse_claim(&c.0);
                 if parsed.nonce == nonce && parsed.visible_at > now_ms() {
-                    Ok(Some((name, m, c)))
+                    Ok(Some((place, m, c)))
                 } else {
                     Err(self.stale(receipt))
                 }
@@ -434,26 +768,46 @@ impl ZkQueue {
         ))
     }
 
-    async fn wait_for_change(&self, client: &Client, until: tokio::time::Instant) {
+    /// Waits until one of the directories a pull saw changes, or `until`.
+    /// A directory that changed since the pull looked ends the wait at once.
+    async fn wait_for_change(
+        &self,
+        client: &Client,
+        dirs: &[(String, i32)],
+        until: tokio::time::Instant,
+    ) {
         let watch = async {
-            let m = client.get_and_watch_children(&self.messages);
-            let c = client.get_and_watch_children(&self.claims);
-            let (m, c) = futures::join!(m, c);
-            match (m, c) {
-                (Ok((_, _, wm)), Ok((_, _, wc))) => {
-                    tokio::select! {
-                        _ = wm.changed() => {}
-                        _ = wc.changed() => {}
+            let mut watchers = Vec::with_capacity(dirs.len());
+            for (dir, seen) in dirs {
+                match client.get_and_watch_children(dir).await {
+                    Ok((_, stat, watcher)) if stat.cversion == *seen => {
+                        watchers.push(Box::pin(watcher.changed()));
                     }
+                    Ok(_) => return,
+                    Err(_) => break,
                 }
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+            if watchers.len() < dirs.len() || watchers.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+            futures::future::select_all(watchers).await;
         };
         tokio::select! {
             _ = watch => {}
             _ = tokio::time::sleep_until(until) => {}
         }
     }
+}
+
+/// What one pull claims with.
+struct Claiming<'a> {
+    client: &'a Client,
+    writer: &'a Client,
+    mode: CreateMode,
+    options: &'a PullOptions,
+    queue_options: &'a QueueOptions,
+    now: i64,
 }
 
 #[async_trait]
@@ -464,27 +818,11 @@ impl Queue for ZkQueue {
 
     async fn push(&self, payload: Value) -> Result<MessageId> {
         let client = self.zk.client().await?;
-        let options = self.zk.options(CreateMode::PersistentSequential);
-        let prefix = format!("{}/m-", self.messages);
-        let data = join_message(0, payload.as_bytes());
-        for _ in 0..3 {
-            match self
-                .zk
-                .call("create", client.create(&prefix, &data, &options))
-                .await
-            {
-                Ok((stat, _)) => return Ok(MessageId(stat.czxid as u64)),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    self.zk.mkdirs(&client, &self.messages).await?;
-                    self.zk.mkdirs(&client, &self.claims).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::unexpected(format!(
-            "could not create the queue directory {}",
-            self.messages
-        )))
+        let place = self.append(&client, payload.as_bytes(), &[]).await?;
+        let place = place.ok_or_else(|| {
+            Error::unexpected(format!("push to {} failed without a reason", self.messages))
+        })?;
+        Ok(place.message_id())
     }
 
     async fn pull(&self, options: PullOptions) -> Result<Option<Delivery>> {
@@ -493,15 +831,15 @@ impl Queue for ZkQueue {
         }
         let deadline = tokio::time::Instant::now() + options.wait;
         loop {
-            let (delivery, next_change) = self.try_pull(&options).await?;
-            if delivery.is_some() {
-                return Ok(delivery);
-            }
+            let idle = match self.try_pull(&options).await? {
+                Ok(delivery) => return Ok(Some(delivery)),
+                Err(idle) => idle,
+            };
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(None);
             }
-            let until = match next_change {
+            let until = match idle.next_change {
                 Some(at) => {
                     let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
                     (now + wait).min(deadline)
@@ -509,23 +847,27 @@ impl Queue for ZkQueue {
                 None => deadline,
             };
             let client = self.zk.client().await?;
-            self.wait_for_change(&client, until).await;
+            self.wait_for_change(&client, &idle.dirs, until).await;
         }
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<()> {
         let client = self.zk.client().await?;
-        let Some((name, msg, claim)) = self.current(&client, receipt).await? else {
+        let Some((place, msg, claim)) = self.current(&client, receipt).await? else {
             return Ok(());
         };
         let mut w = client.new_multi_writer();
-        let map = crate::error::map_error;
-        w.add_delete(&format!("{}/{name}", self.messages), Some(msg.1.version))
-            .map_err(map)?;
-        w.add_delete(&format!("{}/{name}", self.claims), Some(claim.1.version))
-            .map_err(map)?;
+        w.add_delete(&self.message_path(&place), Some(msg.1.version))
+            .map_err(map_error)?;
+        w.add_delete(&self.claim_path(&place), Some(claim.1.version))
+            .map_err(map_error)?;
         match w.commit().await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if parse_claim(&claim.0).last {
+                    self.forget_marker(&client, &place).await;
+                }
+                Ok(())
+            }
             Err(_) => match self.current(&client, receipt).await {
                 Ok(None) => Ok(()),
                 _ => Err(self.stale(receipt)),
@@ -535,14 +877,14 @@ impl Queue for ZkQueue {
 
     async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<()> {
         let client = self.zk.client().await?;
-        let Some((name, msg, claim)) = self.current(&client, receipt).await? else {
+        let Some((place, msg, claim)) = self.current(&client, receipt).await? else {
             return Err(self.gone(receipt));
         };
         let (attempts, _) = split_message(&msg.0);
         let options = self.options(&client).await?;
         if attempts >= options.max_attempts {
             return if self
-                .dead_letter(&client, &options, &name, &msg, Some(&claim))
+                .dead_letter(&client, &options, &place, &msg, Some(&claim))
                 .await?
             {
                 Ok(())
@@ -551,20 +893,19 @@ impl Queue for ZkQueue {
             };
         }
         let mut w = client.new_multi_writer();
-        let map = crate::error::map_error;
-        let claim_path = format!("{}/{name}", self.claims);
-        w.add_check_version(&format!("{}/{name}", self.messages), msg.1.version)
-            .map_err(map)?;
+        let claim_path = self.claim_path(&place);
+        w.add_check_version(&self.message_path(&place), msg.1.version)
+            .map_err(map_error)?;
         w.add_delete(&claim_path, Some(claim.1.version))
-            .map_err(map)?;
+            .map_err(map_error)?;
         if !delay.is_zero() {
             let at = now_ms() + delay.as_millis() as i64;
             w.add_create(
                 &claim_path,
-                format!("{at}:{NOBODY}").as_bytes(),
+                &claim_data(at, NOBODY, false),
                 &self.zk.options(CreateMode::Persistent),
             )
-            .map_err(map)?;
+            .map_err(map_error)?;
         }
         match w.commit().await {
             Ok(_) => Ok(()),
@@ -574,21 +915,20 @@ impl Queue for ZkQueue {
 
     async fn extend(&self, receipt: &Receipt, visibility_timeout: Duration) -> Result<()> {
         let client = self.zk.client().await?;
-        let Some((name, msg, claim)) = self.current(&client, receipt).await? else {
+        let Some((place, msg, claim)) = self.current(&client, receipt).await? else {
             return Err(self.gone(receipt));
         };
-        let nonce = parse_claim(&claim.0).nonce;
+        let held = parse_claim(&claim.0);
         let at = now_ms() + visibility_timeout.as_millis() as i64;
         let mut w = client.new_multi_writer();
-        let map = crate::error::map_error;
-        w.add_check_version(&format!("{}/{name}", self.messages), msg.1.version)
-            .map_err(map)?;
+        w.add_check_version(&self.message_path(&place), msg.1.version)
+            .map_err(map_error)?;
         w.add_set_data(
-            &format!("{}/{name}", self.claims),
-            format!("{at}:{nonce}").as_bytes(),
+            &self.claim_path(&place),
+            &claim_data(at, &held.nonce, held.last),
             Some(claim.1.version),
         )
-        .map_err(map)?;
+        .map_err(map_error)?;
         match w.commit().await {
             Ok(_) => Ok(()),
             Err(_) => Err(self.stale(receipt)),
@@ -598,20 +938,26 @@ impl Queue for ZkQueue {
     async fn depth(&self) -> Result<QueueDepth> {
         let client = self.zk.client().await?;
         self.sweep_feeders(&client).await?;
-        let (messages, claims) = self.snapshot(&client).await?;
+        // A bucket's stat counts its messages: one read per bucket, not per message.
+        let (buckets, _) = self.buckets(&client).await?;
+        let paths: Vec<String> = buckets.iter().map(|&b| self.bucket_path(b)).collect();
+        let messages: u64 = self
+            .read_all(&client, &paths)
+            .await?
+            .iter()
+            .flatten()
+            .map(|(_, stat)| u64::try_from(stat.num_children).unwrap_or(0))
+            .sum();
+        let (claims, _) = self.claims(&client).await?;
         let now = now_ms();
-        let mut depth = QueueDepth::default();
-        for name in messages {
-            let held = claims
-                .get(&name)
-                .map(|c| parse_claim(&c.0))
-                .is_some_and(|c| c.visible_at > now && c.nonce != NOBODY);
-            if held {
-                depth.in_flight += 1;
-            } else {
-                depth.ready += 1;
-            }
-        }
-        Ok(depth)
+        let in_flight = claims
+            .values()
+            .map(|c| parse_claim(&c.0))
+            .filter(|c| c.visible_at > now && c.nonce != NOBODY)
+            .count() as u64;
+        Ok(QueueDepth {
+            ready: messages.saturating_sub(in_flight),
+            in_flight,
+        })
     }
 }

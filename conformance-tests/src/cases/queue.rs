@@ -130,6 +130,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "A message whose `max_attempts`-th delivery fails moves to the dead-letter queue with its payload intact, whether or not anyone uses the original queue again: pulling from (or measuring) the dead-letter queue finds it."
         ),
         case!(
+            "queue::dead_letter_after_session_loss",
+            dead_letter_after_session_loss,
+            [],
+            "A message whose `max_attempts`-th delivery fails moves to the dead-letter queue with its payload intact, whether or not anyone uses the original queue again: pulling from (or measuring) the dead-letter queue finds it."
+        ),
+        case!(
             "queue::dead_letter_custom_target",
             dead_letter_custom_target,
             [Requirement::QueueDeadLetter],
@@ -818,6 +824,46 @@ async fn dead_letter_without_further_activity(ctx: Ctx) -> CaseResult {
         "the dead-lettered payload"
     );
     Ok(())
+}
+
+async fn dead_letter_after_session_loss(ctx: Ctx) -> CaseResult {
+    let options = QueueOptions {
+        max_attempts: 1,
+        dead_letter: None,
+    };
+    let q = open(&ctx.backend, "jobs", Some(options)).await?;
+    q.push(val("lost with its consumer")?).await.ctx("push")?;
+    // The last attempt is held through a session that then ends; nobody
+    // pulls from the main queue again.
+    let session = ctx.session().await?;
+    let held = PullOptions {
+        visibility_timeout: LONG,
+        wait: Duration::ZERO,
+        session: Some(session.clone()),
+    };
+    let d = pull_one(q.as_ref(), held, "pull the last attempt with a session").await?;
+    ensure_eq!(d.attempt, 1, "the delivery's attempt");
+    session.close().await.ctx("close the consumer's session")?;
+    drop(q);
+    let other = ctx.another_client().await.ctx("open another client")?;
+    let dlq = open(&other, "jobs/dead-letter", None).await?;
+    let dead = pull_one(
+        dlq.as_ref(),
+        waiting(LONG, WAIT),
+        "pull from jobs/dead-letter after the consumer's session ended",
+    )
+    .await?;
+    ensure_eq!(
+        dead.payload.as_bytes(),
+        b"lost with its consumer",
+        "the dead-lettered payload"
+    );
+    let main = open(&other, "jobs", None).await?;
+    pull_none(
+        main.as_ref(),
+        "pull from the main queue after dead-lettering",
+    )
+    .await
 }
 
 async fn dead_letter_custom_target(ctx: Ctx) -> CaseResult {
