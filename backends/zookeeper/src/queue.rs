@@ -188,6 +188,8 @@ struct ZkQueue {
     markers: String,
     /// The bucket this handle pushes to, once looked up.
     tail: Mutex<Option<u64>>,
+    /// Held while looking the tail up, so concurrent pushes look once.
+    finding_tail: tokio::sync::Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -263,6 +265,7 @@ impl ZkQueue {
             zk,
             name,
             tail: Mutex::new(None),
+            finding_tail: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -368,8 +371,35 @@ impl ZkQueue {
         *self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn set_tail(&self, bucket: Option<u64>) {
-        *self.tail.lock().unwrap_or_else(PoisonError::into_inner) = bucket;
+    /// Moves the cached tail past `sealed` (never back).
+    fn tail_sealed(&self, sealed: u64) {
+        let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        if tail.is_none_or(|t| t <= sealed) {
+            *tail = Some(sealed + 1);
+        }
+    }
+
+    /// Forgets the cached tail if it is still `bucket`.
+    fn forget_tail(&self, bucket: u64) {
+        let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        if *tail == Some(bucket) {
+            *tail = None;
+        }
+    }
+
+    /// The bucket to push to: the cached one, or looked up once for all
+    /// the pushes waiting for it.
+    async fn tail(&self, client: &Client) -> Result<u64> {
+        if let Some(bucket) = self.cached_tail() {
+            return Ok(bucket);
+        }
+        let _finding = self.finding_tail.lock().await;
+        if let Some(bucket) = self.cached_tail() {
+            return Ok(bucket);
+        }
+        let bucket = self.find_tail(client).await?;
+        *self.tail.lock().unwrap_or_else(PoisonError::into_inner) = Some(bucket);
+        Ok(bucket)
     }
 
     /// The bucket to push to now: the last one, or the one after it
@@ -419,7 +449,7 @@ impl ZkQueue {
             Err(e) => return Err(e),
         }
         self.create_bucket(client, bucket + 1).await?;
-        self.set_tail(Some(bucket + 1));
+        self.tail_sealed(bucket);
         Ok(())
     }
 
@@ -434,15 +464,9 @@ impl ZkQueue {
     ) -> Result<Option<Place>> {
         let data = join_message(0, payload);
         let sequential = self.zk.options(CreateMode::PersistentSequential);
+        let mut guessed = false;
         for _ in 0..APPEND_TRIES {
-            let bucket = match self.cached_tail() {
-                Some(bucket) => bucket,
-                None => {
-                    let bucket = self.find_tail(client).await?;
-                    self.set_tail(Some(bucket));
-                    bucket
-                }
-            };
+            let bucket = self.tail(client).await?;
             let bucket_path = self.bucket_path(bucket);
             let mut w = client.new_multi_writer();
             for (path, version) in deletes {
@@ -477,9 +501,18 @@ impl ZkQueue {
                     }
                     return Ok(Some(place));
                 }
-                // The bucket was sealed (or is not there yet): look again.
+                // Sealed: the pusher that sealed it opens the next one, so
+                // try that once before looking the tail up.
+                Err(MultiWriteError::OperationFailed {
+                    index,
+                    source: zookeeper_client::Error::BadVersion,
+                }) if index == deletes.len() && !guessed => {
+                    guessed = true;
+                    self.tail_sealed(bucket);
+                }
+                // Gone, not there yet, or sealed again: look the tail up.
                 Err(MultiWriteError::OperationFailed { index, .. }) if index == deletes.len() => {
-                    self.set_tail(None);
+                    self.forget_tail(bucket);
                 }
                 Err(MultiWriteError::OperationFailed { .. }) => return Ok(None),
                 Err(MultiWriteError::RequestFailed { source }) => return Err(map_error(source)),

@@ -1,11 +1,11 @@
-//! What a queue's backlog costs each pull on etcd: push a backlog of 1 KiB
+//! What a queue's backlog costs each pull: push a backlog of 1 KiB
 //! messages (64 pushes in flight), then time pull + ack one at a time, for
-//! a small and a large backlog. A pull should cost the same whatever waits
-//! behind the message it takes.
+//! a small and a large backlog, on the backend DPRIM_BENCH_CONFIG names
+//! (default: the embedded in-memory backend). A pull should cost the same
+//! whatever waits behind the message it takes.
 //!
-//! `scripts/etcd.sh start && cargo bench -p dprim-etcd --bench queue_backlog`
-//! (DPRIM_BENCH_ETCD=host:port picks another server; DPRIM_BENCH_BACKLOG the
-//! large backlog, default 10000).
+//! `cargo bench -p dprim-runtime --bench queue_backlog` (DPRIM_BENCH_BACKLOG
+//! sets the large backlog, default 10000).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use dprim::queue::{PullOptions, Queue};
@@ -37,19 +37,20 @@ async fn push(q: &Arc<dyn Queue>, n: usize) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let endpoint = std::env::var("DPRIM_BENCH_ETCD").unwrap_or_else(|_| "127.0.0.1:2379".into());
     let large: usize = std::env::var("DPRIM_BENCH_BACKLOG")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
-    let config = Config::from_toml(&format!(
-        "[backend]\nkind = \"etcd\"\nendpoints = [\"{endpoint}\"]\nnamespace = \"bench-backlog-{}\"\n",
-        std::process::id()
-    ))
-    .unwrap();
-    let backend = dprim_etcd::connect(&config.backend)
+    let mut config = match std::env::var("DPRIM_BENCH_CONFIG") {
+        Ok(path) => Config::from_file(std::path::Path::new(&path)).unwrap(),
+        Err(_) => Config::memory(),
+    };
+    config.backend = config
+        .backend
+        .with_namespace(format!("bench-backlog-{}", std::process::id()));
+    let backend = dprim_runtime::open_config(&config)
         .await
-        .expect("connect; start etcd with scripts/etcd.sh start");
+        .expect("open the backend; start its server with scripts/<kind>.sh start");
     println!("| backlog | push msgs/s (64 in flight) | pull + ack, mean ms |");
     println!("|---|---|---|");
     for (i, backlog) in [100, large].into_iter().enumerate() {
