@@ -30,10 +30,10 @@ echo "==> starting nats-server (JetStream, 127.0.0.1:4222)"
 scripts/nats.sh start
 
 echo "==> cargo test --workspace"
-# The multi-process task tests (agent restart, task logs) run against the
-# servers started above; the task scenarios themselves run once per backend
+# The multi-process tests (agent restart, task logs, `dprim pub`) run
+# against the servers started above; the task scenarios themselves run once per backend
 # below, as the conformance suite's `tasks::` group.
-DPRIM_TASKS_BACKENDS=etcd,zookeeper,nats cargo test --workspace --locked
+DPRIM_TEST_BACKENDS=etcd,zookeeper,nats cargo test --workspace --locked
 
 dprim="$CARGO_TARGET_DIR/debug/dprim"
 for backend in memory etcd zookeeper nats; do

@@ -70,6 +70,18 @@ pub trait PubSub: Send + Sync {
     /// - Publishing with no subscribers succeeds.
     async fn publish(&self, topic: &Key, payload: Value) -> Result<()>;
 
+    /// Waits until the backend has taken every message this client
+    /// published before the call.
+    ///
+    /// # Behavior
+    /// - `publish` may return while its message is still queued in the
+    ///   client (the NATS backend does this); once `flush` returns, every
+    ///   earlier publish of this client reaches the subscribers it is
+    ///   delivered to even if the client is dropped or its process exits
+    ///   at once.
+    /// - A publisher that exits right after publishing calls it last.
+    async fn flush(&self) -> Result<()>;
+
     /// Subscribes to one topic (exact match; no wildcards).
     ///
     /// # Behavior

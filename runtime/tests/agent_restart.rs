@@ -5,7 +5,7 @@
 //! backend; an agent "crashes" by having its future aborted: no clean-up,
 //! its session simply stops being renewed and its processes run on.
 //!
-//! On real backends (DPRIM_TASKS_BACKENDS, e.g. `etcd,zookeeper,nats`, as
+//! On real backends (DPRIM_TEST_BACKENDS, e.g. `etcd,zookeeper,nats`, as
 //! `scripts/test.sh` sets it) the same story runs with the supervisor and
 //! the agent as separate `dprim` processes, the agent killed with SIGKILL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -471,6 +471,9 @@ impl PubSub for Via {
     async fn publish(&self, topic: &Key, payload: Value) -> dprim::Result<()> {
         self.0.pubsub().publish(topic, payload).await
     }
+    async fn flush(&self) -> dprim::Result<()> {
+        self.0.pubsub().flush().await
+    }
     async fn subscribe(&self, topic: &Key) -> dprim::Result<Subscription> {
         self.0.pubsub().subscribe(topic).await
     }
@@ -633,8 +636,8 @@ impl Drop for Processes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_agent_process_takes_back_its_task_on_real_backends() {
-    let Ok(list) = std::env::var("DPRIM_TASKS_BACKENDS") else {
-        eprintln!("DPRIM_TASKS_BACKENDS is not set: the multi-process agent restart did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
+    let Ok(list) = std::env::var("DPRIM_TEST_BACKENDS") else {
+        eprintln!("DPRIM_TEST_BACKENDS is not set: the multi-process agent restart did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
         return;
     };
     for kind in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {

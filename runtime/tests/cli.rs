@@ -289,6 +289,70 @@ fn pub_without_subscribers_succeeds() {
     );
 }
 
+/// `dprim pub` exits right after publishing, so its message must have left
+/// with it: a NATS publish returns while the message is still queued in the
+/// client, and one `dprim pub` in three used to exit with its message.
+/// Runs on the real backends named in DPRIM_TEST_BACKENDS (`scripts/test.sh`
+/// sets it), against the servers of their conformance configs.
+#[test]
+fn every_pub_reaches_a_subscriber_on_real_backends() {
+    const MESSAGES: usize = 20;
+    let Ok(list) = std::env::var("DPRIM_TEST_BACKENDS") else {
+        eprintln!("DPRIM_TEST_BACKENDS is not set: `dprim pub` on real backends did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
+        return;
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for kind in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let config = root.join(format!("conformance-tests/configs/{kind}.toml"));
+        let config = config.to_str().unwrap();
+        let topic = format!("cli-pub-{}", std::process::id());
+        let count = MESSAGES.to_string();
+        let mut sub = dprim()
+            .args(["--config", config, "sub", &topic, "--count", &count])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = sub.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("subscribed to") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = sub.kill();
+            panic!("{kind}: `dprim sub` never said it had subscribed");
+        }
+        for i in 0..MESSAGES {
+            let o = run(&["--config", config, "pub", &topic, &format!("m{i}")]);
+            assert_eq!(code(&o), 0, "{kind}: {}", stderr(&o));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sub.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = sub.kill();
+                let out = sub.wait_with_output().unwrap();
+                panic!(
+                    "{kind}: `dprim sub --count {MESSAGES}` got only {:?}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = sub.wait_with_output().unwrap();
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let expected: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
+        assert_eq!(got, expected, "{kind}");
+    }
+}
+
 #[test]
 fn lock_runs_a_command_and_propagates_its_exit_code() {
     let o = run(&["lock", "jobs/nightly", "--", "true"]);

@@ -2,7 +2,7 @@
 //! `dprim task logs`): in process on the in-memory backend (a supervisor and
 //! an agent running real child processes), the command line's error paths,
 //! and the command line across processes on the real backends named in
-//! DPRIM_TASKS_BACKENDS (e.g. `etcd,zookeeper,nats`; `scripts/test.sh` sets
+//! DPRIM_TEST_BACKENDS (e.g. `etcd,zookeeper,nats`; `scripts/test.sh` sets
 //! it after starting the servers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -471,14 +471,14 @@ impl Drop for Processes {
 }
 
 fn backends() -> Vec<String> {
-    match std::env::var("DPRIM_TASKS_BACKENDS") {
+    match std::env::var("DPRIM_TEST_BACKENDS") {
         Ok(list) => list
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect(),
         Err(_) => {
-            eprintln!("DPRIM_TASKS_BACKENDS is not set: `dprim task logs` across processes did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
+            eprintln!("DPRIM_TEST_BACKENDS is not set: `dprim task logs` across processes did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
             Vec::new()
         }
     }

@@ -80,6 +80,11 @@ impl PubSub for EtcdPubSub {
         Err(Error::unexpected("publish failed twice on a fresh lease"))
     }
 
+    /// A publish returns once etcd has committed its put.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn subscribe(&self, topic: &Key) -> Result<Subscription> {
         let key = self.etcd.layout.topic(topic);
         let mut client = self.etcd.client.watch_client();

@@ -25,6 +25,11 @@ impl PubSub for MemoryPubSub {
         Ok(())
     }
 
+    /// A publish hands its message to the subscribers before it returns.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn subscribe(&self, topic: &Key) -> Result<Subscription> {
         let rx = self.ns.with(|s| s.subscribe(topic));
         let items = BroadcastStream::new(rx).map(|item| {

@@ -81,6 +81,11 @@ impl PubSub for ZkPubSub {
         )))
     }
 
+    /// A publish returns once ZooKeeper has committed its znode.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn subscribe(&self, topic: &Key) -> Result<Subscription> {
         let client = self.zk.client().await?;
         let dir = self.zk.layout().topic(topic);

@@ -23,6 +23,12 @@ pub(crate) fn cases() -> Vec<Case> {
             "Delivered at most once to every subscriber whose `subscribe` call returned before `publish` was called, while it stays connected."
         ),
         case!(
+            "pubsub::publisher_leaving_at_once_delivers",
+            publisher_leaving_at_once_delivers,
+            [],
+            "Receives every message published after this call returned."
+        ),
+        case!(
             "pubsub::no_replay_to_late_subscriber",
             no_replay_to_late_subscriber,
             [],
@@ -159,6 +165,51 @@ async fn fan_out_to_every_subscriber(ctx: Ctx) -> CaseResult {
             format!("m{i}").as_bytes(),
             "second subscription, message {i}"
         );
+    }
+    Ok(())
+}
+
+async fn publisher_leaving_at_once_delivers(ctx: Ctx) -> CaseResult {
+    const CLIENTS: u32 = 20;
+    const EACH: u32 = 10;
+    let t = topic()?;
+    let mut sub = ctx.backend.pubsub().subscribe(&t).await.ctx("subscribe")?;
+    // Each publisher's client goes away as soon as its last publish
+    // returns, as a short-lived process that publishes and exits does.
+    for c in 0..CLIENTS {
+        let client = ctx.another_client().await.ctx("open a publisher client")?;
+        for i in 0..EACH {
+            client
+                .pubsub()
+                .publish(&t, val(format!("{c}:{i}"))?)
+                .await
+                .ctx("publish")?;
+        }
+        drop(client);
+    }
+    let mut missing: std::collections::BTreeSet<String> = (0..CLIENTS)
+        .flat_map(|c| (0..EACH).map(move |i| format!("{c}:{i}")))
+        .collect();
+    let mut lagged = 0u64;
+    while missing.len() as u64 > lagged {
+        let what = format!(
+            "messages of publishers that left ({} missing: {:?})",
+            missing.len(),
+            missing.iter().take(5).collect::<Vec<_>>()
+        );
+        match within(WAIT, &what, sub.next()).await? {
+            Some(Ok(SubscriptionItem::Message(m))) => {
+                let text = m.payload.as_str().ctx("a text payload")?.to_string();
+                ensure!(
+                    missing.remove(&text),
+                    "`{text}` arrived twice or was never sent"
+                );
+            }
+            // Not silent: a lag is reported with its count.
+            Some(Ok(SubscriptionItem::Lagged(n))) => lagged += n,
+            Some(Err(e)) => fail!("the subscription failed: {e}"),
+            None => fail!("the subscription ended"),
+        }
     }
     Ok(())
 }
@@ -374,7 +425,11 @@ async fn per_publisher_order(ctx: Ctx) -> CaseResult {
     let mut next: HashMap<u32, u32> = HashMap::new();
     let mut accounted = 0u32;
     while accounted < EACH * 2 {
-        match within(WAIT, "messages from two publishers", sub.next()).await? {
+        let what = format!(
+            "messages from two publishers ({accounted} of {} so far, next expected {next:?})",
+            EACH * 2
+        );
+        match within(WAIT, &what, sub.next()).await? {
             Some(Ok(SubscriptionItem::Message(m))) => {
                 let text = m.payload.as_str().ctx("a text payload")?.to_string();
                 let (p, i) = text.split_once(':').ctx("publisher:index")?;

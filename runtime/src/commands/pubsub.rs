@@ -13,6 +13,8 @@ pub(crate) async fn publish(ctx: &Ctx, args: PubArgs) -> Result<u8, Failure> {
     let bytes = payload.len();
     let (backend, _) = ctx.open().await?;
     backend.pubsub().publish(&topic, payload).await?;
+    // The process exits next: make sure the message left with it.
+    backend.pubsub().flush().await?;
     ctx.out.emit(
         &format!("published {bytes} bytes to {topic}"),
         json!({"topic": topic.as_str(), "bytes": bytes}),
