@@ -331,17 +331,13 @@ fn every_pub_reaches_a_subscriber_on_real_backends() {
             let o = run(&["--config", config, "pub", &topic, &format!("m{i}")]);
             assert_eq!(code(&o), 0, "{kind}: {}", stderr(&o));
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while sub.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = sub.kill();
-                let out = sub.wait_with_output().unwrap();
-                panic!(
-                    "{kind}: `dprim sub --count {MESSAGES}` got only {:?}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if exit_within(&mut sub, Duration::from_secs(20)).is_none() {
+            let _ = sub.kill();
+            let out = sub.wait_with_output().unwrap();
+            panic!(
+                "{kind}: `dprim sub --count {MESSAGES}` got only {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         let out = sub.wait_with_output().unwrap();
         let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -474,6 +470,20 @@ fn bad_task_launches_are_usage_errors_that_name_the_problem() {
     }
 }
 
+/// The child's exit status, if it exits within `limit`.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts `dprim args...`, waits for its first stdout line, sends SIGINT,
 /// and returns (first line, stderr, exit code).
 fn interrupt_after_first_line(args: &[&str]) -> (String, String, i32) {
@@ -505,16 +515,9 @@ fn interrupt_after_first_line(args: &[&str]) -> (String, String, i32) {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("dprim {args:?} did not stop after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("dprim {args:?} did not stop after SIGINT");
     };
     let o = child.wait_with_output().unwrap();
     (

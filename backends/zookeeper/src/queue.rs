@@ -623,7 +623,14 @@ impl ZkQueue {
             Some(s) => (self.zk.session_client(s)?, CreateMode::Ephemeral),
             None => (client.clone(), CreateMode::Persistent),
         };
-        let now = now_ms();
+        let claiming = Claiming {
+            client: &client,
+            writer: &writer,
+            mode,
+            options,
+            queue_options: &queue_options,
+            now: now_ms(),
+        };
         for (i, &bucket) in buckets.iter().enumerate() {
             let is_last = i + 1 == buckets.len();
             let path = self.bucket_path(bucket);
@@ -648,19 +655,11 @@ impl ZkQueue {
             for name in names {
                 let place = Place { bucket, name };
                 if let Some(c) = claims.get(&place.id()).map(|c| parse_claim(&c.0)) {
-                    if c.visible_at > now {
+                    if c.visible_at > claiming.now {
                         idle.visible_at(c.visible_at);
                         continue;
                     }
                 }
-                let claiming = Claiming {
-                    client: &client,
-                    writer: &writer,
-                    mode,
-                    options,
-                    queue_options: &queue_options,
-                    now,
-                };
                 if let Some(delivery) = self.try_claim(&claiming, &place, &mut idle).await? {
                     return Ok(Ok(delivery));
                 }
