@@ -1,8 +1,8 @@
 //! What a queue's backlog costs each pull: push a backlog of 1 KiB
-//! messages (64 pushes in flight), then time pull + ack one at a time, for
-//! a small and a large backlog, on the backend DPRIM_BENCH_CONFIG names
-//! (default: the embedded in-memory backend). A pull should cost the same
-//! whatever waits behind the message it takes.
+//! messages (64 pushes in flight), then time pull + ack one at a time and
+//! `depth` as often, for a small and a large backlog, on the backend
+//! DPRIM_BENCH_CONFIG names (default: the embedded in-memory backend). A
+//! pull should cost the same whatever waits behind the message it takes.
 //!
 //! `cargo bench -p dprim-runtime --bench queue_backlog` (DPRIM_BENCH_BACKLOG
 //! sets the large backlog, default 10000).
@@ -51,8 +51,8 @@ async fn main() {
     let backend = dprim_runtime::open_config(&config)
         .await
         .expect("open the backend; start its server with scripts/<kind>.sh start");
-    println!("| backlog | push msgs/s (64 in flight) | pull + ack, mean ms |");
-    println!("|---|---|---|");
+    println!("| backlog | push msgs/s (64 in flight) | pull + ack, mean ms | depth, mean ms |");
+    println!("|---|---|---|---|");
     for (i, backlog) in [100, large].into_iter().enumerate() {
         let q = backend
             .queues()
@@ -66,10 +66,16 @@ async fn main() {
             q.ack(&d.receipt).await.unwrap();
         }
         let each = t.elapsed() / PULLS;
+        let t = Instant::now();
+        for _ in 0..PULLS {
+            q.depth().await.unwrap();
+        }
+        let depth = t.elapsed() / PULLS;
         println!(
-            "| {backlog} | {:.0} | {:.2} |",
+            "| {backlog} | {:.0} | {:.3} | {:.3} |",
             (backlog + PULLS as usize) as f64 / pushed.as_secs_f64(),
-            each.as_secs_f64() * 1e3
+            each.as_secs_f64() * 1e3,
+            depth.as_secs_f64() * 1e3
         );
     }
 }

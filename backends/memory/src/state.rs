@@ -13,7 +13,7 @@ use dprim::{
     Depth, Entry, Error, ErrorKind, Key, Listing, Message, Precondition, PutOptions, Result,
     SessionId, Term, Txn, TxnOp, TxnResult, Value, Version, WatchEvent, WatchStart, WatchTarget,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,6 +118,7 @@ struct Election {
     observers: watch::Sender<Option<Leader>>,
 }
 
+#[derive(Clone, Copy)]
 enum MsgStatus {
     Ready,
     Delayed(Instant),
@@ -134,10 +135,20 @@ struct QueuedMsg {
     status: MsgStatus,
 }
 
+/// A queue's messages, indexed so that no operation walks the backlog: a
+/// pull takes the first ready id, time is applied from the earliest timer,
+/// and a session's end finds the deliveries it held.
 struct QueueState {
     options: QueueOptions,
     next_id: u64,
     messages: BTreeMap<u64, QueuedMsg>,
+    /// Ids of the messages visible now; the lowest (oldest push) goes first.
+    ready: BTreeSet<u64>,
+    /// When a delayed message becomes visible or a delivery times out.
+    timers: BTreeSet<(Instant, u64)>,
+    /// Deliveries held by each session.
+    held: HashMap<SessionId, BTreeSet<u64>>,
+    in_flight: usize,
     notify: Arc<Notify>,
 }
 
@@ -147,8 +158,82 @@ impl QueueState {
             options,
             next_id: 1,
             messages: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            held: HashMap::new(),
+            in_flight: 0,
             notify: Arc::new(Notify::new()),
         }
+    }
+
+    fn index(&mut self, id: u64, status: MsgStatus) {
+        match status {
+            MsgStatus::Ready => {
+                self.ready.insert(id);
+            }
+            MsgStatus::Delayed(until) => {
+                self.timers.insert((until, id));
+            }
+            MsgStatus::InFlight {
+                deadline, session, ..
+            } => {
+                self.timers.insert((deadline, id));
+                self.in_flight += 1;
+                if let Some(s) = session {
+                    self.held.entry(s).or_default().insert(id);
+                }
+            }
+        }
+    }
+
+    fn unindex(&mut self, id: u64, status: MsgStatus) {
+        match status {
+            MsgStatus::Ready => {
+                self.ready.remove(&id);
+            }
+            MsgStatus::Delayed(until) => {
+                self.timers.remove(&(until, id));
+            }
+            MsgStatus::InFlight {
+                deadline, session, ..
+            } => {
+                self.timers.remove(&(deadline, id));
+                self.in_flight -= 1;
+                if let Some(s) = session {
+                    if let Some(ids) = self.held.get_mut(&s) {
+                        ids.remove(&id);
+                        if ids.is_empty() {
+                            self.held.remove(&s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, id: u64, message: QueuedMsg) {
+        self.index(id, message.status);
+        self.messages.insert(id, message);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<QueuedMsg> {
+        let message = self.messages.remove(&id)?;
+        self.unindex(id, message.status);
+        Some(message)
+    }
+
+    fn set_status(&mut self, id: u64, status: MsgStatus) {
+        let Some(m) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut m.status, status);
+        self.unindex(id, old);
+        self.index(id, status);
+    }
+
+    /// The earliest moment a message changes by itself.
+    fn next_timer(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
     }
 }
 
@@ -573,10 +658,18 @@ impl State {
                 self.step_down(&name);
             }
         }
-        // Deliveries held by the session fail their attempt at the next
-        // queue operation (see `tick`); wake pullers so they see it now.
-        for q in self.queues.values() {
-            q.notify.notify_waiters();
+        // Deliveries held by the session fail their attempt now.
+        let held: Vec<(Key, Vec<u64>)> = self
+            .queues
+            .iter()
+            .filter_map(|(name, q)| {
+                Some((name.clone(), q.held.get(&id)?.iter().copied().collect()))
+            })
+            .collect();
+        for (name, ids) in held {
+            for message in ids {
+                self.fail_attempt(&name, message, Duration::ZERO);
+            }
         }
     }
 
@@ -852,7 +945,7 @@ impl State {
         let q = self.queue(name);
         let id = q.next_id;
         q.next_id += 1;
-        q.messages.insert(
+        q.insert(
             id,
             QueuedMsg {
                 payload,
@@ -887,22 +980,20 @@ impl State {
 
     fn tick_one(&mut self, name: &Key) {
         let now = Instant::now();
-        let sessions = &self.sessions;
         let Some(q) = self.queues.get_mut(name) else {
             return;
         };
+        let due: Vec<u64> = q
+            .timers
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect();
         let mut failed = Vec::new();
-        for (id, m) in q.messages.iter_mut() {
-            match m.status {
-                MsgStatus::Delayed(until) if until <= now => m.status = MsgStatus::Ready,
-                MsgStatus::InFlight {
-                    deadline, session, ..
-                } => {
-                    let orphaned = session.is_some_and(|s| !sessions.contains_key(&s));
-                    if deadline <= now || orphaned {
-                        failed.push(*id);
-                    }
-                }
+        for id in due {
+            match q.messages.get(&id).map(|m| m.status) {
+                Some(MsgStatus::Delayed(_)) => q.set_status(id, MsgStatus::Ready),
+                Some(MsgStatus::InFlight { .. }) => failed.push(id),
                 _ => {}
             }
         }
@@ -918,20 +1009,21 @@ impl State {
         };
         let max = q.options.max_attempts;
         let dead_letter = q.options.dead_letter_for(name);
-        let Some(m) = q.messages.get_mut(&id) else {
+        let Some(m) = q.messages.get(&id) else {
             return;
         };
         if m.attempts >= max {
-            if let (Ok(dlq), Some(m)) = (dead_letter, q.messages.remove(&id)) {
+            if let (Ok(dlq), Some(m)) = (dead_letter, q.remove(id)) {
                 self.push(&dlq, m.payload);
             }
             return;
         }
-        m.status = if delay.is_zero() {
+        let status = if delay.is_zero() {
             MsgStatus::Ready
         } else {
             MsgStatus::Delayed(Instant::now() + delay)
         };
+        q.set_status(id, status);
         q.notify.notify_waiters();
     }
 
@@ -948,21 +1040,22 @@ impl State {
         let seq = self.next_sequence();
         let q = self.queue(name);
         let now = Instant::now();
-        let next = q
-            .messages
-            .iter_mut()
-            .find(|(_, m)| matches!(m.status, MsgStatus::Ready));
-        if let Some((id, m)) = next {
+        let next = q.ready.first().copied();
+        if let Some((id, m)) = next.and_then(|id| Some((id, q.messages.get_mut(&id)?))) {
             m.attempts += 1;
-            m.status = MsgStatus::InFlight {
-                seq,
-                deadline: now + visibility_timeout,
-                session,
-            };
+            let (payload, attempt) = (m.payload.clone(), m.attempts);
+            q.set_status(
+                id,
+                MsgStatus::InFlight {
+                    seq,
+                    deadline: now + visibility_timeout,
+                    session,
+                },
+            );
             return Ok(Pulled::Delivery(Delivery {
-                id: MessageId(*id),
-                payload: m.payload.clone(),
-                attempt: m.attempts,
+                id: MessageId(id),
+                payload,
+                attempt,
                 receipt: Receipt(format!("{id}.{seq}")),
             }));
         }
@@ -973,12 +1066,7 @@ impl State {
             .iter()
             .chain([name])
             .filter_map(|q| self.queues.get(q))
-            .flat_map(|q| q.messages.values())
-            .filter_map(|m| match m.status {
-                MsgStatus::Delayed(t) => Some(t),
-                MsgStatus::InFlight { deadline, .. } => Some(deadline),
-                MsgStatus::Ready => None,
-            })
+            .filter_map(QueueState::next_timer)
             .min();
         Ok(Pulled::Empty { next_change })
     }
@@ -1015,7 +1103,7 @@ impl State {
 
     pub(crate) fn ack(&mut self, name: &Key, receipt: &Receipt) -> Result<()> {
         if let Some(id) = self.current_delivery(name, receipt)? {
-            self.queue(name).messages.remove(&id);
+            self.queue(name).remove(id);
         }
         Ok(())
     }
@@ -1040,12 +1128,19 @@ impl State {
     ) -> Result<()> {
         match self.current_delivery(name, receipt)? {
             Some(id) => {
-                if let Some(QueuedMsg {
-                    status: MsgStatus::InFlight { deadline, .. },
-                    ..
-                }) = self.queue(name).messages.get_mut(&id)
+                let q = self.queue(name);
+                if let Some(MsgStatus::InFlight { seq, session, .. }) =
+                    q.messages.get(&id).map(|m| m.status)
                 {
-                    *deadline = Instant::now() + timeout;
+                    let deadline = Instant::now() + timeout;
+                    q.set_status(
+                        id,
+                        MsgStatus::InFlight {
+                            seq,
+                            deadline,
+                            session,
+                        },
+                    );
                 }
                 Ok(())
             }
@@ -1058,13 +1153,128 @@ impl State {
     pub(crate) fn depth(&mut self, name: &Key) -> QueueDepth {
         self.tick(name);
         let q = self.queue(name);
-        let mut depth = QueueDepth::default();
-        for m in q.messages.values() {
+        QueueDepth {
+            ready: (q.messages.len() - q.in_flight) as u64,
+            in_flight: q.in_flight as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Recounts a queue from its messages and compares with its indexes.
+    fn assert_indexed(q: &QueueState) {
+        let mut ready = BTreeSet::new();
+        let mut timers = BTreeSet::new();
+        let mut held: HashMap<SessionId, BTreeSet<u64>> = HashMap::new();
+        let mut in_flight = 0;
+        for (id, m) in &q.messages {
             match m.status {
-                MsgStatus::InFlight { .. } => depth.in_flight += 1,
-                _ => depth.ready += 1,
+                MsgStatus::Ready => {
+                    ready.insert(*id);
+                }
+                MsgStatus::Delayed(at) => {
+                    timers.insert((at, *id));
+                }
+                MsgStatus::InFlight {
+                    deadline, session, ..
+                } => {
+                    timers.insert((deadline, *id));
+                    in_flight += 1;
+                    if let Some(s) = session {
+                        held.entry(s).or_default().insert(*id);
+                    }
+                }
             }
         }
-        depth
+        assert_eq!(q.ready, ready, "ready index");
+        assert_eq!(q.timers, timers, "timer index");
+        assert_eq!(q.held, held, "per-session index");
+        assert_eq!(q.in_flight, in_flight, "in-flight count");
+    }
+
+    /// Random pushes, pulls (with and without sessions), acks, nacks,
+    /// extends, session ends and clock moves keep every index equal to what
+    /// the messages say, and a pull always takes the oldest visible message.
+    #[tokio::test(start_paused = true)]
+    async fn queue_indexes_follow_every_operation() {
+        let mut state = State::new();
+        let name = Key::new("jobs").unwrap();
+        let dead = Key::new("jobs/dead-letter").unwrap();
+        let options = QueueOptions {
+            max_attempts: 3,
+            dead_letter: None,
+        };
+        state.open_queue(&name, Some(options)).unwrap();
+        let mut sessions: Vec<SessionId> = Vec::new();
+        let mut receipts: Vec<Receipt> = Vec::new();
+        let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..6_000 {
+            match next(9) {
+                0 | 1 => {
+                    state.push(&name, Value::new(vec![1]).unwrap());
+                }
+                2 | 3 => {
+                    let session = match next(3) {
+                        0 if !sessions.is_empty() => {
+                            Some(sessions[next(sessions.len() as u64) as usize])
+                        }
+                        1 => {
+                            let s = state.open_session(Duration::from_secs(3600));
+                            sessions.push(s);
+                            Some(s)
+                        }
+                        _ => None,
+                    };
+                    let oldest_ready = {
+                        state.tick(&name);
+                        state.queue(&name).ready.first().copied()
+                    };
+                    let vt = Duration::from_millis(1 + next(50));
+                    match state.pull(&name, vt, session).unwrap() {
+                        Pulled::Delivery(d) => {
+                            assert_eq!(Some(d.id.0), oldest_ready, "pull takes the oldest");
+                            receipts.push(d.receipt);
+                        }
+                        Pulled::Empty { .. } => assert_eq!(oldest_ready, None),
+                    }
+                }
+                4 if !receipts.is_empty() => {
+                    let r = receipts.swap_remove(next(receipts.len() as u64) as usize);
+                    let _ = state.ack(&name, &r);
+                }
+                5 if !receipts.is_empty() => {
+                    let r = receipts.swap_remove(next(receipts.len() as u64) as usize);
+                    let _ = state.nack(&name, &r, Duration::from_millis(next(20)));
+                }
+                6 if !receipts.is_empty() => {
+                    let r = &receipts[next(receipts.len() as u64) as usize];
+                    let _ = state.extend(&name, r, Duration::from_millis(1 + next(50)));
+                }
+                7 if !sessions.is_empty() => {
+                    let s = sessions.swap_remove(next(sessions.len() as u64) as usize);
+                    state.end_session(s, None);
+                    assert!(!state.queue(&name).held.contains_key(&s));
+                }
+                _ => tokio::time::advance(Duration::from_millis(next(10))).await,
+            }
+            let depth = state.depth(&name);
+            let q = state.queue(&name);
+            assert_indexed(q);
+            assert_eq!(depth.total(), q.messages.len() as u64);
+            assert_indexed(state.queue(&dead));
+        }
+        // The run went through every kind of state, not just a few.
+        let dead_letters = state.queue(&dead).messages.len();
+        assert!(dead_letters > 0, "nothing was dead-lettered");
     }
 }
