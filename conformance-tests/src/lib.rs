@@ -31,6 +31,7 @@
 
 mod cases;
 mod cluster;
+pub mod linearizability;
 mod report;
 mod util;
 
@@ -146,6 +147,8 @@ impl Default for RunOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Requirement {
+    /// The `kv.linearizable` capability.
+    KvLinearizable,
     /// The `kv.transactions` capability.
     KvTransactions,
     /// A `kv.watch_history` of at least this many changes.
@@ -173,6 +176,7 @@ impl Requirement {
         let caps = backend.capabilities();
         let missing = |name: &str| Some(format!("requires capability {name}"));
         match self {
+            Requirement::KvLinearizable if !caps.kv.linearizable => missing("kv.linearizable"),
             Requirement::KvTransactions if !caps.kv.transactions => missing("kv.transactions"),
             Requirement::KvWatchHistory(n) if caps.kv.watch_history < *n => Some(format!(
                 "requires capability kv.watch_history >= {n} (backend declares {})",
@@ -211,6 +215,7 @@ const NO_TASK_CLUSTER: &str = "needs a task cluster (supervisors and agents runn
 impl fmt::Display for Requirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Requirement::KvLinearizable => f.write_str("kv.linearizable"),
             Requirement::KvTransactions => f.write_str("kv.transactions"),
             Requirement::KvWatchHistory(n) => write!(f, "kv.watch_history >= {n}"),
             Requirement::LockFair => f.write_str("lock.fair"),

@@ -1,12 +1,15 @@
 //! A 3-member etcd cluster loses its leader (SIGKILL) and gets it back while
 //! a writer and a watcher run through dprim: the writer sees no error the
 //! retry layer could have hidden, no acknowledged write is lost, and the
-//! watcher misses no event.
+//! watcher misses no event. Meanwhile three more clients race reads,
+//! creates, conditional writes and deletes on two keys, and their history
+//! must be linearizable.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use dprim::{Config, Depth, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget};
+use dprim_conformance::linearizability::race;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::Servers;
@@ -70,6 +73,17 @@ async fn leader_killed_and_restarted_loses_nothing() {
         acked
     });
 
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(dprim_etcd::connect(&config.backend).await.unwrap());
+    }
+    let keys = vec![
+        Key::new("register/a").unwrap(),
+        Key::new("register/b").unwrap(),
+    ];
+    // About 8 s at a few milliseconds per operation and pause.
+    let racers = tokio::spawn(race(clients, keys, 600, Duration::from_millis(10), false));
+
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = leader_member().await;
     servers.kill9(&leader);
@@ -77,6 +91,17 @@ async fn leader_killed_and_restarted_loses_nothing() {
     servers.script(&["restart-member", &leader]);
 
     let acked = writer.await.unwrap();
+    let history = racers.await.unwrap().unwrap();
+    let checked = history
+        .check(true)
+        .unwrap_or_else(|e| panic!("the racing clients' history: {e}"));
+    let unknown = history
+        .ops()
+        .iter()
+        .filter(|op| op.returned.is_none())
+        .count();
+    eprintln!("racing clients: {checked:?}, {unknown} outcomes unknown");
+    assert_eq!(checked.keys, 2, "{checked:?}");
     assert!(acked.len() > 100, "only {} writes in 8 s", acked.len());
 
     // Every acknowledged write is there: the last value of each key.

@@ -2,12 +2,17 @@
 //! `sync_interval: always`): the queue stream's leader is killed with
 //! SIGKILL and restarted while a producer and two consumers run through
 //! dprim's Queue. Every acknowledged push must be delivered and acked;
-//! duplicates (at-least-once) are counted and reported.
+//! duplicates (at-least-once) are counted and reported. Then the KV
+//! bucket's stream leader is killed and restarted while three clients race
+//! creates, conditional writes and deletes (and reads) on two keys: their
+//! writes must be linearizable (reads are left out of the check: this
+//! backend does not declare linearizable reads).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
-use dprim::{Config, PullOptions, Value};
+use dprim::{Config, Key, PullOptions, Value};
+use dprim_conformance::linearizability::race;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,7 +45,7 @@ fn stream_leader(stream: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn queue_survives_stream_leader_kill() {
+async fn queue_and_kv_survive_stream_leader_kills() {
     let servers = support::Servers::new("failover", 14222);
     servers.script(&["start-cluster"]);
     let config = Config::from_toml(
@@ -188,4 +193,31 @@ async fn queue_survives_stream_leader_kill() {
         lost.is_empty(),
         "acknowledged pushes never delivered: {lost:?}"
     );
+
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(dprim_nats::connect(&config.backend).await.unwrap());
+    }
+    let keys = vec![
+        Key::new("register/a").unwrap(),
+        Key::new("register/b").unwrap(),
+    ];
+    let racers = tokio::spawn(race(clients, keys, 600, Duration::from_millis(10), false));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = stream_leader("KV_dprim").expect("find the KV stream's leader");
+    println!("killing the KV stream leader {leader} with SIGKILL");
+    servers.kill9(&leader);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers.script(&["restart-member", &leader]);
+    let history = racers.await.unwrap().unwrap();
+    let checked = history
+        .check(false)
+        .unwrap_or_else(|e| panic!("the racing clients' history: {e}"));
+    let unknown = history
+        .ops()
+        .iter()
+        .filter(|op| op.returned.is_none())
+        .count();
+    println!("racing clients: {checked:?}, {unknown} outcomes unknown");
+    assert_eq!(checked.keys, 2, "{checked:?}");
 }

@@ -3,11 +3,15 @@
 //! the retry layer could have hidden, no acknowledged write is lost, and
 //! the watcher misses no event (a `Resync` would be allowed only with an
 //! explicit re-list; the change log lets it catch up without one).
+//! Meanwhile three more clients race creates, conditional writes and
+//! deletes (and reads) on two keys, and their writes must be linearizable
+//! (reads are left out of the check: a follower may serve them late).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use dprim::{Config, Depth, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget};
+use dprim_conformance::linearizability::race;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::Servers;
@@ -67,6 +71,17 @@ async fn leader_killed_and_restarted_loses_nothing() {
         (acked, acked_at)
     });
 
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(dprim_zookeeper::connect(&config.backend).await.unwrap());
+    }
+    let keys = vec![
+        Key::new("register/a").unwrap(),
+        Key::new("register/b").unwrap(),
+    ];
+    // About 10 s at a few milliseconds per operation and pause.
+    let racers = tokio::spawn(race(clients, keys, 600, Duration::from_millis(10), false));
+
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = leader_member();
     let killed_at = tokio::time::Instant::now();
@@ -76,6 +91,17 @@ async fn leader_killed_and_restarted_loses_nothing() {
     let restarted_at = tokio::time::Instant::now();
 
     let (acked, acked_at) = writer.await.unwrap();
+    let history = racers.await.unwrap().unwrap();
+    let checked = history
+        .check(false)
+        .unwrap_or_else(|e| panic!("the racing clients' history: {e}"));
+    let unknown = history
+        .ops()
+        .iter()
+        .filter(|op| op.returned.is_none())
+        .count();
+    eprintln!("racing clients: {checked:?}, {unknown} outcomes unknown");
+    assert_eq!(checked.keys, 2, "{checked:?}");
     // Writes went on: before the kill, and again once the member was back
     // (how long the client took to move to a live server is not checked).
     let before = acked_at.iter().filter(|t| **t < killed_at).count();

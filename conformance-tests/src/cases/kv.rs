@@ -3,6 +3,7 @@
 // ephemeral (session-attached) keys.
 
 use super::{case, next_change, show};
+use crate::linearizability::{race, History};
 use crate::util::{
     completes, ensure, ensure_eq, eventually, expect_err, fail, key, val, Context, QUIET, WAIT,
 };
@@ -34,6 +35,18 @@ pub(crate) fn cases() -> Vec<Case> {
             versions_totally_ordered,
             [],
             "Versions handed out by one backend namespace are totally ordered: a change that happens after another (as seen by any client) has a larger version."
+        ),
+        case!(
+            "kv::concurrent_writes_linearizable",
+            concurrent_writes_linearizable,
+            [],
+            "`Precondition::Absent` on an existing key fails `AlreadyExists`; `Precondition::Version(v)` fails `Conflict` unless the key exists with version `v`. A failed write changes nothing."
+        ),
+        case!(
+            "kv::concurrent_reads_linearizable",
+            concurrent_reads_linearizable,
+            [Requirement::KvLinearizable],
+            "On a backend declaring `linearizable`, reflects every write acknowledged before the call started."
         ),
         case!(
             "kv::create_existing_already_exists",
@@ -1736,5 +1749,35 @@ async fn put_with_closed_session_fails(ctx: Ctx) -> CaseResult {
         kv.get(&k).await.ctx("get")?.is_none(),
         "the rejected put wrote the key"
     );
+    Ok(())
+}
+
+/// Four clients (separate connections) run random reads, writes, creates,
+/// conditional writes and deletes on two keys at once
+/// ([`History::random_ops`]); every outcome is recorded.
+async fn concurrent_history(ctx: &Ctx) -> Result<History, Fail> {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(ctx.another_client().await.ctx("open a client")?);
+    }
+    let keys = vec![key("register/a")?, key("register/b")?];
+    race(clients, keys, 60, Duration::ZERO, true)
+        .await
+        .map_err(Fail::Failed)
+}
+
+async fn concurrent_writes_linearizable(ctx: Ctx) -> CaseResult {
+    // Reads are left out: a backend that does not declare `linearizable`
+    // may serve them from a lagging replica. Its writes (the outcomes of
+    // creates and conditional writes and deletes, and the versions
+    // returned) must still fit one order consistent with real time.
+    let history = concurrent_history(&ctx).await?;
+    history.check(false).map_err(Fail::Failed)?;
+    Ok(())
+}
+
+async fn concurrent_reads_linearizable(ctx: Ctx) -> CaseResult {
+    let history = concurrent_history(&ctx).await?;
+    history.check(true).map_err(Fail::Failed)?;
     Ok(())
 }
