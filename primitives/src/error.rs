@@ -40,6 +40,11 @@ pub enum ErrorKind {
     Unsupported,
     /// The handle (backend, session, subscription) was closed.
     Closed,
+    /// A write may or may not have taken effect: an attempt failed after
+    /// its request may have reached the server, and what the retry found
+    /// (e.g. `Conflict` or `AlreadyExists`, which that attempt would cause
+    /// itself) cannot tell. Read the key to learn which.
+    OutcomeUnknown,
     /// Anything else: a bug or a backend behaving outside its documented contract.
     Unexpected,
 }
@@ -61,6 +66,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Closed => "closed",
+            ErrorKind::OutcomeUnknown => "outcome_unknown",
             ErrorKind::Unexpected => "unexpected",
         }
     }
@@ -73,13 +79,15 @@ impl fmt::Display for ErrorKind {
 }
 
 /// A dprim error: a portable kind, a message for humans, context pairs, an
-/// optional source, and whether retrying the same request may succeed.
+/// optional source, whether retrying the same request may succeed, and
+/// whether the request certainly did not take effect.
 pub struct Error {
     kind: ErrorKind,
     message: String,
     context: Vec<(&'static str, String)>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     temporary: bool,
+    not_applied: bool,
 }
 
 impl Error {
@@ -91,6 +99,7 @@ impl Error {
             context: Vec::new(),
             source: None,
             temporary: false,
+            not_applied: false,
         }
     }
 
@@ -110,6 +119,23 @@ impl Error {
     pub fn temporary(mut self) -> Self {
         self.temporary = true;
         self
+    }
+
+    /// Marks a failed request as certainly not applied: it never reached
+    /// the server (no connection could be made), or the server refused it
+    /// before acting on it. Without this mark a temporary failure of a
+    /// write may have come after the server applied it (a connection reset
+    /// or a timeout while waiting for the answer), and the retry layer
+    /// treats it so.
+    pub fn not_applied(mut self) -> Self {
+        self.not_applied = true;
+        self
+    }
+
+    /// Whether the request certainly did not take effect (see
+    /// [`Error::not_applied`]).
+    pub fn is_not_applied(&self) -> bool {
+        self.not_applied
     }
 
     /// The portable kind.
@@ -194,6 +220,7 @@ impl Clone for Error {
             context,
             source: None,
             temporary: self.temporary,
+            not_applied: self.not_applied,
         }
     }
 }
@@ -228,7 +255,9 @@ impl fmt::Debug for Error {
         if let Some(source) = &self.source {
             d.field("source", &format_args!("{source}"));
         }
-        d.field("temporary", &self.temporary).finish()
+        d.field("temporary", &self.temporary)
+            .field("not_applied", &self.not_applied)
+            .finish()
     }
 }
 

@@ -6,7 +6,7 @@
 //! | 0 | success |
 //! | 1 | not found, already exists, version conflict, not leader, lock not acquired in time, queue empty; `conformance`: a case failed |
 //! | 2 | usage or config error: bad arguments, invalid key or value, invalid config file |
-//! | 3 | backend error: unavailable, timeout, permission denied, unsupported, watch resync, unexpected |
+//! | 3 | backend error: unavailable, timeout, a write's outcome unknown, permission denied, unsupported, watch resync, unexpected |
 //! | 4 | the session was lost while holding a lock or leadership |
 //! | 130 | interrupted (Ctrl-C) before a lock or leadership was acquired |
 //!
@@ -36,7 +36,8 @@ Exit codes:
   1    not found, already exists, version conflict, not leader, lock not
        acquired within --timeout, queue empty; conformance: a case failed
   2    usage or config error (bad arguments, invalid key or value, invalid config)
-  3    backend error (unavailable, timeout, permission denied, unsupported, ...)
+  3    backend error (unavailable, timeout, outcome unknown, permission denied,
+       unsupported, ...)
   4    session lost while holding a lock or leadership
   130  interrupted (Ctrl-C) before a lock or leadership was acquired
   `dprim lock NAME -- CMD` exits with CMD's exit code.";
@@ -128,6 +129,9 @@ impl Failure {
             ErrorKind::PermissionDenied => {
                 Some("check `username`, `password` and `tls` in the config")
             }
+            ErrorKind::OutcomeUnknown => Some(
+                "the write may or may not have taken effect; read the key (`dprim kv get KEY`) before writing again",
+            ),
             _ => None,
         };
         if let Some(h) = generic {

@@ -42,17 +42,27 @@ pub(crate) fn map_error(e: etcd_client::Error) -> Error {
                 _ => format!("etcd: {msg}"),
             };
             let err = Error::new(kind, text);
-            if matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
-                err.temporary()
-            } else {
-                err
+            // No connection could be made: the request was never sent.
+            let unsent = [
+                "tcp connect error",
+                "error trying to connect",
+                "connection refused",
+            ]
+            .iter()
+            .any(|m| msg.to_lowercase().contains(m));
+            match kind {
+                ErrorKind::Unavailable if unsent => err.temporary().not_applied(),
+                ErrorKind::Unavailable | ErrorKind::Timeout => err.temporary(),
+                _ => err,
             }
         }
+        // Raised while connecting, before any request is sent.
         E::TransportError(t) => Error::new(
             ErrorKind::Unavailable,
             format!("cannot reach etcd: {t}; check `endpoints` and that the server is running"),
         )
-        .temporary(),
+        .temporary()
+        .not_applied(),
         E::IoError(io) => Error::new(
             ErrorKind::Unavailable,
             format!("etcd connection failed: {io}"),
@@ -89,6 +99,25 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert!(e.is_temporary());
         assert!(e.to_string().contains("`tls`"), "{e}");
+    }
+
+    /// A request that could not be sent is marked so (a write may be retried);
+    /// one that failed on an established connection is not (it may have been
+    /// applied).
+    #[test]
+    fn only_unsent_requests_are_marked_not_applied() {
+        let refused = tonic::Status::new(
+            Code::Unavailable,
+            "error trying to connect: tcp connect error: Connection refused (os error 111)",
+        );
+        let e = map_error(etcd_client::Error::GRpcStatus(refused));
+        assert!(e.is_temporary() && e.is_not_applied(), "{e:?}");
+        let reset = tonic::Status::new(Code::Unknown, "transport error");
+        let e = map_error(etcd_client::Error::GRpcStatus(reset));
+        assert!(e.is_temporary() && !e.is_not_applied(), "{e:?}");
+        let slow = tonic::Status::new(Code::DeadlineExceeded, "deadline exceeded");
+        let e = map_error(etcd_client::Error::GRpcStatus(slow));
+        assert!(e.is_temporary() && !e.is_not_applied(), "{e:?}");
     }
 
     #[test]

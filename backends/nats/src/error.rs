@@ -56,10 +56,17 @@ where
         _ => format!("NATS {what}: {text}"),
     };
     let err = Error::new(kind, message);
-    if matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
-        err.temporary()
-    } else {
-        err
+    // Nobody took the request (no stream, or its leader being elected), or
+    // no connection could be made: it was not applied.
+    let unsent = any.is::<async_nats::ConnectError>()
+        || lower.contains("no responders")
+        || any
+            .downcast_ref::<async_nats::jetstream::context::PublishError>()
+            .is_some_and(|p| p.kind() == PublishErrorKind::StreamNotFound);
+    match kind {
+        ErrorKind::Unavailable if unsent => err.temporary().not_applied(),
+        ErrorKind::Unavailable | ErrorKind::Timeout => err.temporary(),
+        _ => err,
     }
 }
 

@@ -56,10 +56,14 @@ pub(crate) fn map_error(e: zookeeper_client::Error) -> Error {
         _ => (ErrorKind::Unexpected, format!("zookeeper client: {e}")),
     };
     let err = Error::new(kind, text);
-    if matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
-        err.temporary()
-    } else {
-        err
+    match kind {
+        // No server could be reached, or the server turned the request
+        // away before acting on it.
+        ErrorKind::Unavailable if matches!(e, Z::NoHosts | Z::Throttled) => {
+            err.temporary().not_applied()
+        }
+        ErrorKind::Unavailable | ErrorKind::Timeout => err.temporary(),
+        _ => err,
     }
 }
 
