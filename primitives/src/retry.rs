@@ -80,7 +80,13 @@ impl RetryPolicy {
     /// Like [`RetryPolicy::run`], for a write that may be retried as
     /// `retry` says once an attempt failed in a way that may have applied
     /// it (a temporary error not marked [`Error::is_not_applied`]).
-    pub async fn run_write<T, F, Fut>(&self, what: &str, retry: WriteRetry, mut op: F) -> Result<T>
+    /// `what` names the write in an error (built only then).
+    pub async fn run_write<T, F, Fut>(
+        &self,
+        what: impl Fn() -> String,
+        retry: WriteRetry,
+        mut op: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -104,7 +110,7 @@ impl RetryPolicy {
                                     e.kind()
                                 )
                             });
-                            Err(outcome_unknown(what, &first, found.as_deref()))
+                            Err(outcome_unknown(&what(), &first, found.as_deref()))
                         }
                         _ => result,
                     };
@@ -113,7 +119,7 @@ impl RetryPolicy {
             if !failure.is_not_applied() {
                 match retry {
                     WriteRetry::OnlyNotApplied => {
-                        return Err(outcome_unknown(what, failure, None));
+                        return Err(outcome_unknown(&what(), failure, None));
                     }
                     WriteRetry::Guarded(_) => {
                         lost.get_or_insert_with(|| failure.clone());
@@ -123,7 +129,7 @@ impl RetryPolicy {
             if start.elapsed() + backoff >= self.max_elapsed {
                 return match lost {
                     Some(first) => Err(outcome_unknown(
-                        what,
+                        &what(),
                         &first,
                         Some(&format!("retries got no answer either ({failure})")),
                     )),
@@ -201,7 +207,7 @@ impl Kv for RetryingKv {
     async fn put_with(&self, key: &Key, value: Value, options: PutOptions) -> Result<Version> {
         self.policy
             .run_write(
-                &format!("put `{key}`"),
+                || format!("put `{key}`"),
                 WriteRetry::for_precondition(options.precondition),
                 || self.inner.put_with(key, value.clone(), options.clone()),
             )
@@ -211,7 +217,7 @@ impl Kv for RetryingKv {
     async fn delete_with(&self, key: &Key, precondition: Precondition) -> Result<bool> {
         self.policy
             .run_write(
-                &format!("delete `{key}`"),
+                || format!("delete `{key}`"),
                 WriteRetry::for_precondition(precondition),
                 || self.inner.delete_with(key, precondition),
             )
@@ -237,7 +243,11 @@ impl Kv for RetryingKv {
             WriteRetry::OnlyNotApplied
         };
         self.policy
-            .run_write("transaction", retry, || self.inner.txn(txn.clone()))
+            .run_write(
+                || "transaction".to_string(),
+                retry,
+                || self.inner.txn(txn.clone()),
+            )
             .await
     }
 
@@ -290,13 +300,17 @@ mod tests {
     async fn write(retry: WriteRetry, first: Error, then: Result<u32>) -> (Result<u32>, u32) {
         let calls = AtomicU32::new(0);
         let r = RetryPolicy::default()
-            .run_write("put `k`", retry, || async {
-                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                    Err(first.clone())
-                } else {
-                    then.clone()
-                }
-            })
+            .run_write(
+                || "put `k`".to_string(),
+                retry,
+                || async {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err(first.clone())
+                    } else {
+                        then.clone()
+                    }
+                },
+            )
             .await;
         (r, calls.load(Ordering::SeqCst))
     }

@@ -229,4 +229,18 @@ mod tests {
         assert!(text.contains("hint: did you mean `endpoints`?"), "{text}");
         assert_eq!(f.code(), USAGE);
     }
+
+    #[test]
+    fn an_unknown_outcome_says_to_read_the_key() {
+        let f = Failure::new(Error::new(
+            ErrorKind::OutcomeUnknown,
+            "put `a`: the outcome is unknown",
+        ));
+        assert_eq!(f.code(), BACKEND);
+        let text = f.to_string();
+        assert!(
+            text.contains("hint: the write may or may not have taken effect; read the key"),
+            "{text}"
+        );
+    }
 }

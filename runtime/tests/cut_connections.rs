@@ -1,20 +1,28 @@
-//! Connections cut under load: three clients race reads, creates,
-//! conditional writes and deletes on two keys through a TCP proxy that
-//! resets every connection every few hundred milliseconds, and their history
-//! must be linearizable (reads included where the backend declares
-//! `kv.linearizable`). A write the proxy forwarded before a cut may have
-//! been applied with its answer lost: it may come back as an error (its
-//! outcome unknown, which the checker allows either way), never as a wrong
-//! answer.
+//! Connections cut under load, through a TCP proxy that resets every
+//! connection every few hundred milliseconds:
+//! - three clients race reads, creates, conditional writes and deletes on
+//!   two keys, and their history must be linearizable (reads included
+//!   where the backend declares `kv.linearizable`). A write the proxy
+//!   forwarded before a cut may have been applied with its answer lost: it
+//!   may come back as an error (its outcome unknown, which the checker
+//!   allows either way), never as a wrong answer;
+//! - a producer and two consumers work a queue: every push that returned is
+//!   delivered and acked (a push retried after an error may be delivered
+//!   twice, at least once being the contract).
 //!
 //! Runs on the real backends named in DPRIM_TEST_BACKENDS (`scripts/test.sh`
 //! sets `etcd,zookeeper,nats` and starts their servers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use dprim::{Config, Key};
+use dprim::queue::{PullOptions, QueueOptions};
+use dprim::{Config, ErrorKind, Key, Value};
 use dprim_conformance::faults::TcpProxy;
 use dprim_conformance::linearizability::race;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 /// The server each backend's suite config names.
 fn server(kind: &str) -> std::net::SocketAddr {
@@ -28,14 +36,32 @@ fn server(kind: &str) -> std::net::SocketAddr {
     .unwrap()
 }
 
-async fn race_through_cuts(kind: &str) {
-    let proxy = TcpProxy::start(server(kind)).await.unwrap();
-    let config = Config::from_toml(&format!(
-        "[backend]\nkind = \"{kind}\"\nendpoints = [\"{}\"]\nnamespace = \"cut-{}\"\nrequest_timeout = \"2s\"\n",
+/// A config reaching `kind`'s server through `proxy`, on a namespace of
+/// this run's own.
+fn through(kind: &str, proxy: &TcpProxy, case: &str) -> Config {
+    Config::from_toml(&format!(
+        "[backend]\nkind = \"{kind}\"\nendpoints = [\"{}\"]\nnamespace = \"cut-{case}-{}\"\nrequest_timeout = \"2s\"\n",
         proxy.addr(),
         std::process::id()
     ))
-    .unwrap();
+    .unwrap()
+}
+
+/// Cuts every connection through `proxy` every 150-300 ms until `done`;
+/// returns how many cuts it made.
+async fn cut_until<T>(proxy: &TcpProxy, done: &tokio::task::JoinHandle<T>) -> u32 {
+    let mut cuts = 0;
+    while !done.is_finished() {
+        tokio::time::sleep(Duration::from_millis(150 + rand::random_range(0..150))).await;
+        proxy.cut();
+        cuts += 1;
+    }
+    cuts
+}
+
+async fn race_through_cuts(kind: &str) {
+    let proxy = TcpProxy::start(server(kind)).await.unwrap();
+    let config = through(kind, &proxy, "kv");
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(dprim_runtime::open_config(&config).await.unwrap());
@@ -46,12 +72,7 @@ async fn race_through_cuts(kind: &str) {
         Key::new("register/b").unwrap(),
     ];
     let racers = tokio::spawn(race(clients, keys, 300, Duration::from_millis(2), false));
-    let mut cuts = 0;
-    while !racers.is_finished() {
-        tokio::time::sleep(Duration::from_millis(150 + rand::random_range(0..150))).await;
-        proxy.cut();
-        cuts += 1;
-    }
+    let cuts = cut_until(&proxy, &racers).await;
     let history = racers.await.unwrap().unwrap();
     let unknown = history
         .ops()
@@ -64,13 +85,142 @@ async fn race_through_cuts(kind: &str) {
     println!("{kind}: {checked:?} through {cuts} cuts, {unknown} outcomes unknown");
 }
 
+const MESSAGES: u32 = 200;
+
+async fn queue_through_cuts(kind: &str) {
+    let proxy = TcpProxy::start(server(kind)).await.unwrap();
+    let config = through(kind, &proxy, "queue");
+    let name = Key::new("jobs").unwrap();
+    let options = QueueOptions {
+        max_attempts: 1000,
+        dead_letter: None,
+    };
+    let producer = dprim_runtime::open_config(&config).await.unwrap();
+    let q = producer.queues().open(&name, Some(options)).await.unwrap();
+    // Message number -> times a consumer acked it.
+    let acked: Arc<Mutex<BTreeMap<u32, u32>>> = Arc::default();
+    let producing = tokio::spawn(async move {
+        let mut pushed = BTreeSet::new();
+        let mut errors = 0;
+        for i in 0..MESSAGES {
+            // At least once: an error may hide a push that was stored.
+            while let Err(e) = q
+                .push(Value::new(i.to_string().into_bytes()).unwrap())
+                .await
+            {
+                errors += 1;
+                assert!(errors < 1000, "push {i} keeps failing: {e}");
+            }
+            pushed.insert(i);
+            // Spread the pushes over a dozen cuts or so.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (pushed, errors)
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let backend = dprim_runtime::open_config(&config).await.unwrap();
+        let (name, acked, done) = (name.clone(), acked.clone(), done.clone());
+        consumers.push(tokio::spawn(async move {
+            let q = backend.queues().open(&name, None).await.unwrap();
+            let options = PullOptions {
+                visibility_timeout: Duration::from_secs(2),
+                wait: Duration::from_millis(500),
+                session: None,
+            };
+            while !done.load(Ordering::SeqCst) {
+                let Ok(Some(d)) = q.pull(options.clone()).await else {
+                    continue;
+                };
+                // An ack whose answer was lost may have been applied: ack
+                // again (acking twice is harmless) until the answer comes.
+                // `Conflict`: the delivery timed out and will come again.
+                let acked_now = loop {
+                    match q.ack(&d.receipt).await {
+                        Ok(()) => break true,
+                        Err(e) if e.kind() == ErrorKind::Conflict => break false,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                if acked_now {
+                    let i: u32 = String::from_utf8_lossy(d.payload.as_bytes())
+                        .parse()
+                        .unwrap();
+                    *acked.lock().unwrap().entry(i).or_default() += 1;
+                }
+            }
+        }));
+    }
+    let cuts = cut_until(&proxy, &producing).await;
+    let (pushed, push_errors) = producing.await.unwrap();
+    // A message whose delivery was lost with a connection comes back after
+    // the visibility timeout, or on NATS after the consumer's AckWait
+    // (30 s) when the fetch's answer itself was lost.
+    let last_push = Instant::now();
+    let all_acked = || pushed.iter().all(|i| acked.lock().unwrap().contains_key(i));
+    while !all_acked() && last_push.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settled = last_push.elapsed();
+    done.store(true, Ordering::SeqCst);
+    for c in consumers {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let lost: Vec<u32> = pushed
+        .iter()
+        .filter(|i| !acked.contains_key(i))
+        .copied()
+        .collect();
+    let twice = acked.values().filter(|n| **n > 1).count();
+    println!(
+        "{kind} queue: {} pushed through {cuts} cuts ({push_errors} push errors), {} acked ({twice} more than once), the last {:.1} s after the last push",
+        pushed.len(),
+        acked.len(),
+        settled.as_secs_f64()
+    );
+    if !lost.is_empty() {
+        // What the queue holds, seen without the proxy.
+        let direct = Config::from_toml(&format!(
+            "[backend]\nkind = \"{kind}\"\nendpoints = [\"{}\"]\nnamespace = \"cut-queue-{}\"\n",
+            server(kind),
+            std::process::id()
+        ))
+        .unwrap();
+        let backend = dprim_runtime::open_config(&direct).await.unwrap();
+        let q = backend.queues().open(&name, None).await.unwrap();
+        let depth = q.depth().await;
+        let next = q.pull(PullOptions::default()).await;
+        panic!("{kind}: pushed but never acked: {lost:?}; the queue's depth now: {depth:?}; a pull now: {next:?}");
+    }
+}
+
+fn backends() -> Vec<String> {
+    match std::env::var("DPRIM_TEST_BACKENDS") {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect(),
+        Err(_) => {
+            eprintln!("DPRIM_TEST_BACKENDS is not set: the connection-cut tests did not run (scripts/test.sh runs them on etcd, zookeeper and nats)");
+            Vec::new()
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn histories_stay_linearizable_when_connections_are_cut() {
-    let Ok(list) = std::env::var("DPRIM_TEST_BACKENDS") else {
-        eprintln!("DPRIM_TEST_BACKENDS is not set: the connection-cut race did not run (scripts/test.sh runs it on etcd, zookeeper and nats)");
-        return;
-    };
-    for kind in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-        race_through_cuts(kind).await;
+    for kind in backends() {
+        race_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_lose_no_push_when_connections_are_cut() {
+    for kind in backends() {
+        queue_through_cuts(&kind).await;
     }
 }
