@@ -138,6 +138,13 @@ impl Error {
         self.not_applied
     }
 
+    /// Whether a failed write may still have taken effect: a temporary
+    /// failure not marked [`Error::not_applied`] (a definite answer such as
+    /// `Conflict` changed nothing).
+    pub fn may_have_applied(&self) -> bool {
+        self.temporary && !self.not_applied
+    }
+
     /// The portable kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -116,7 +116,7 @@ impl RetryPolicy {
                     };
                 }
             };
-            if !failure.is_not_applied() {
+            if failure.may_have_applied() {
                 match retry {
                     WriteRetry::OnlyNotApplied => {
                         return Err(outcome_unknown(&what(), failure, None));

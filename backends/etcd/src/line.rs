@@ -7,6 +7,7 @@
 //! holder (its successor then waits on the key ahead of it).
 
 use crate::Etcd;
+use dprim::retry::RetryPolicy;
 use dprim::{Error, Result, Session};
 use etcd_client::{EventType, GetOptions, KeyValue, SortOrder, SortTarget, WatchOptions};
 use std::time::Duration;
@@ -39,20 +40,45 @@ impl Line {
             format!("{:016x}-{:016x}", session.id().0, rand::random::<u64>()).as_bytes(),
         );
         let options = etcd_client::PutOptions::new().with_lease(session.id().0 as i64);
-        let resp = self
+        let resp = match self
             .etcd
             .call("put", self.etcd.kv().put(key.clone(), value, Some(options)))
-            .await?;
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                // A place put with its answer lost would stand in line for
+                // as long as the session lives, in front of this very
+                // caller when it tries again.
+                if e.may_have_applied() {
+                    if let Err(gone) = self.remove(&key).await {
+                        tracing::warn!(error = %gone, "removing a place whose join failed; the session's lease will clear it");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(Place { key, revision })
     }
 
     /// Leaves the line (or releases the head position).
     pub(crate) async fn leave(&self, place: &Place) -> Result<()> {
-        self.etcd
-            .call("delete", self.etcd.kv().delete(place.key.clone(), None))
+        self.remove(&place.key).await
+    }
+
+    /// Deletes a place of this client's, retrying temporary failures: a
+    /// place left behind blocks everyone behind it for as long as its
+    /// session lives, and deleting it twice is harmless.
+    async fn remove(&self, key: &[u8]) -> Result<()> {
+        RetryPolicy::default()
+            .run(|| async {
+                self.etcd
+                    .call("delete", self.etcd.kv().delete(key.to_vec(), None))
+                    .await
+                    .map(|_| ())
+            })
             .await
-            .map(|_| ())
     }
 
     /// The key just ahead of `place`, if any, and the revision of that read.

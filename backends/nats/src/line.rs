@@ -9,6 +9,7 @@
 use crate::store::{owned, Record};
 use crate::Nats;
 use bytes::Bytes;
+use dprim::retry::RetryPolicy;
 use dprim::{Error, Result, Session};
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -40,7 +41,7 @@ impl Line {
     pub(crate) async fn join(&self, session: &Session, value: Vec<u8>) -> Result<Place> {
         session.check()?;
         let subject = format!("{}.{:016x}", self.prefix, rand::random::<u64>());
-        let seq = self
+        let written = self
             .nats
             .write_owned(
                 &subject,
@@ -49,24 +50,44 @@ impl Line {
                 Some(0),
                 session.id().0,
             )
-            .await?;
-        Ok(Place {
+            .await;
+        let place = Place {
             subject,
-            seq,
+            seq: 0,
             session: session.id().0,
-        })
+        };
+        match written {
+            Ok(seq) => Ok(Place { seq, ..place }),
+            Err(e) => {
+                // A place written with its answer lost would stand in line
+                // for as long as the session lives, in front of this very
+                // caller when it tries again.
+                if e.may_have_applied() {
+                    if let Err(gone) = self.leave(&place).await {
+                        tracing::warn!(error = %gone, "removing a place whose join failed; the session's end will clear it");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Leaves the line (or gives up the head position).
+    /// Leaves the line (or gives up the head position), retrying temporary
+    /// failures: a place left behind blocks everyone behind it for as long
+    /// as its session lives, and purging it twice is harmless.
     pub(crate) async fn leave(&self, place: &Place) -> Result<()> {
-        self.nats.purge(&place.subject, None).await?;
-        self.nats
-            .purge(
-                &self.nats.layout.index_entry(place.session, &place.subject),
-                None,
-            )
+        RetryPolicy::default()
+            .run(|| async {
+                self.nats.purge(&place.subject, None).await?;
+                self.nats
+                    .purge(
+                        &self.nats.layout.index_entry(place.session, &place.subject),
+                        None,
+                    )
+                    .await
+                    .map(|_| ())
+            })
             .await
-            .map(|_| ())
     }
 
     /// Everyone in line, in order, and the revision of that read.

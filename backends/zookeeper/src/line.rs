@@ -12,6 +12,7 @@
 
 use crate::layout::sequence;
 use crate::Zk;
+use dprim::retry::RetryPolicy;
 use dprim::{Error, ErrorKind, Result, Session};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -49,7 +50,9 @@ impl Line {
     pub(crate) async fn join(&self, session: &Session, value: &[u8]) -> Result<Place> {
         let client = self.zk.session_client(session)?;
         let options = self.zk.options(CreateMode::EphemeralSequential);
-        let prefix = format!("{}/n-", self.dir);
+        // ZooKeeper names the node: the random part lets this client find
+        // it again if the create's answer is lost.
+        let prefix = format!("{}/n-{:016x}-", self.dir, rand::random::<u64>());
         for _ in 0..3 {
             match self
                 .zk
@@ -68,7 +71,17 @@ impl Line {
                     let main = self.zk.client().await?;
                     self.zk.mkdirs(&main, &self.dir).await?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A node created with its answer lost would stand in
+                    // line for as long as the session lives, in front of
+                    // this very caller when it tries again.
+                    if e.may_have_applied() {
+                        if let Err(gone) = self.remove_created(&prefix).await {
+                            tracing::warn!(error = %gone, "removing a place whose join failed; the session's end will clear it");
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(Error::unexpected(format!(
@@ -77,18 +90,41 @@ impl Line {
         )))
     }
 
-    /// Leaves the line (or releases the head position).
+    /// Leaves the line (or releases the head position), retrying
+    /// temporary failures: a place left behind blocks everyone behind it
+    /// for as long as its session lives, and deleting it twice is harmless.
     pub(crate) async fn leave(&self, place: &Place) -> Result<()> {
-        let client = self.zk.client().await?;
-        match self
-            .zk
-            .call("delete", client.delete(&place.path, None))
+        RetryPolicy::default()
+            .run(|| self.delete(&place.path))
             .await
-        {
+    }
+
+    async fn delete(&self, path: &str) -> Result<()> {
+        let client = self.zk.client().await?;
+        match self.zk.call("delete", client.delete(path, None)).await {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.kind(), ErrorKind::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Deletes the node a create under `prefix` may have made.
+    async fn remove_created(&self, prefix: &str) -> Result<()> {
+        let name = prefix.rsplit('/').next().unwrap_or_default().to_string();
+        RetryPolicy::default()
+            .run(|| async {
+                let client = self.zk.client().await?;
+                let children = match self.zk.call("list", client.list_children(&self.dir)).await {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                for child in children.iter().filter(|c| c.starts_with(&name)) {
+                    self.delete(&format!("{}/{child}", self.dir)).await?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// Everyone in line, in order: (sequence, path).
