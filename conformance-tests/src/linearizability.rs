@@ -242,7 +242,10 @@ impl History {
             }
             by_key.entry(op.key.to_string()).or_default().push(op);
         }
-        let mut checked = Checked::default();
+        let mut checked = Checked {
+            unknown: self.ops().iter().filter(|op| op.returned.is_none()).count(),
+            ..Checked::default()
+        };
         for (key, ops) in by_key {
             checked.states += check_key(&ops).map_err(|e| format!("key `{key}`: {e}"))?;
             checked.operations += ops.len();
@@ -288,6 +291,8 @@ pub struct Checked {
     pub operations: usize,
     /// Search states visited.
     pub states: usize,
+    /// Operations recorded with an unknown outcome (allowed either way).
+    pub unknown: usize,
 }
 
 fn written(r: dprim::Result<Version>) -> KvReturn {

@@ -410,7 +410,7 @@ impl NatsQueue {
     }
 
     /// The claim of a receipt that is still held; `None` if the message's
-    /// claim is gone (acked or dead-lettered).
+    /// claim or the message itself is gone (acked or dead-lettered).
     async fn current(&self, receipt: &Receipt) -> Result<Option<(u64, u64, Claim)>> {
         let (seq, nonce) = self.parse_receipt(receipt)?;
         let Some(r) = self.nats.last(&self.claim_subject(seq)).await? else {
@@ -418,7 +418,14 @@ impl NatsQueue {
         };
         match Claim::decode(&r.payload) {
             Some(c) if c.held_by(&nonce) => Ok(Some((seq, r.seq, c))),
-            _ => Err(self.stale(receipt)),
+            // No longer held by this receipt. A message that is gone was
+            // acked, perhaps by an ack of this very receipt that was cut
+            // off after the server took it and before its claim was
+            // purged: nothing will deliver it again, so it is not stale.
+            _ => match self.payload_of(seq).await? {
+                None => Ok(None),
+                Some(_) => Err(self.stale(receipt)),
+            },
         }
     }
 }

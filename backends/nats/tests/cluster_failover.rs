@@ -213,11 +213,6 @@ async fn queue_and_kv_survive_stream_leader_kills() {
     let checked = history
         .check(false)
         .unwrap_or_else(|e| panic!("the racing clients' history: {e}"));
-    let unknown = history
-        .ops()
-        .iter()
-        .filter(|op| op.returned.is_none())
-        .count();
-    println!("racing clients: {checked:?}, {unknown} outcomes unknown");
+    println!("racing clients: {checked:?}");
     assert_eq!(checked.keys, 2, "{checked:?}");
 }
