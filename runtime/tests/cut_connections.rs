@@ -12,14 +12,19 @@
 //! - three clients take turns at a lock: holders never overlap, fencing
 //!   tokens grow with every grant, and a lock request whose answer was lost
 //!   never blocks the lock (a waiter's own lost place in line must not stand
-//!   in front of it).
+//!   in front of it);
+//! - a watcher behind the proxy follows a directory written by a client that
+//!   is not: it sees every change, in order, unless it says `Resync` (then
+//!   it re-lists and watches again from there).
 //!
 //! Runs on the real backends named in DPRIM_TEST_BACKENDS (`scripts/test.sh`
 //! sets `etcd,zookeeper,nats` and starts their servers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dprim::queue::{PullOptions, QueueOptions};
-use dprim::{Config, ErrorKind, Key, Value};
+use dprim::{
+    Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
+};
 use dprim_conformance::faults::TcpProxy;
 use dprim_conformance::linearizability::race;
 use std::collections::{BTreeMap, BTreeSet};
@@ -271,6 +276,123 @@ async fn lock_through_cuts(kind: &str) {
     );
 }
 
+const WATCHED_WRITES: u64 = 300;
+
+async fn watch_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "watch").await;
+    let writer = dprim_runtime::open_config(&config_at(kind, server(kind), "watch"))
+        .await
+        .unwrap();
+    let watcher = dprim_runtime::open_config(&config).await.unwrap();
+    let dir = Key::new("w").unwrap();
+    let start = watcher
+        .kv()
+        .list(&dir, Depth::Recursive)
+        .await
+        .unwrap()
+        .revision;
+    let writing = tokio::spawn(async move {
+        let mut versions = Vec::new();
+        for i in 0..WATCHED_WRITES {
+            let key = Key::new(format!("w/k{}", i % 5)).unwrap();
+            let value = Value::new(i.to_string().into_bytes()).unwrap();
+            let version = writer.kv().put(&key, value).await.unwrap();
+            versions.push((key, version));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        versions
+    });
+    // The writer's last version of each key, once it is done.
+    let (last_tx, last_rx) = tokio::sync::oneshot::channel::<BTreeMap<Key, Version>>();
+    let kind_name = kind.to_string();
+    let watching = tokio::spawn(async move {
+        let kind = kind_name;
+        let mut last_rx = last_rx;
+        let (mut seen, mut resyncs, mut after) = (Vec::new(), 0, start);
+        // What the watcher believes each key holds.
+        let mut view: BTreeMap<Key, Version> = BTreeMap::new();
+        let mut expected = None;
+        let mut watch = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(last) = last_rx.try_recv() {
+                expected = Some(last);
+            }
+            if expected.as_ref() == Some(&view) {
+                break;
+            }
+            let stream = match &mut watch {
+                Some(w) => w,
+                None => match watcher
+                    .kv()
+                    .watch(WatchTarget::Dir(dir.clone()), WatchStart::After(after))
+                    .await
+                {
+                    Ok(w) => watch.insert(w),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+                Ok(Some(Ok(WatchEvent::Put(e)))) => {
+                    assert!(
+                        e.version > after,
+                        "{kind}: the watch went back: {:?} after {after:?}",
+                        e.version
+                    );
+                    after = e.version;
+                    seen.push(e.version);
+                    view.insert(e.key, e.version);
+                }
+                Ok(Some(Ok(WatchEvent::Resync { .. }))) => {
+                    // Continuity is not proven: re-list and follow on from
+                    // the listing.
+                    resyncs += 1;
+                    if let Ok(l) = watcher.kv().list(&dir, Depth::Recursive).await {
+                        for e in l.entries {
+                            view.insert(e.key, e.version);
+                        }
+                        after = l.revision;
+                    }
+                    watch = None;
+                }
+                Ok(Some(Ok(other))) => panic!("{kind}: unexpected watch event {other:?}"),
+                // The stream failed or ended (an error is not a silent gap);
+                // watch again from the last change seen.
+                Ok(Some(Err(_))) | Ok(None) => watch = None,
+                Err(_) => {}
+            }
+        }
+        (seen, resyncs, view)
+    });
+    let cuts = cut_until(&proxy, &writing).await;
+    let versions = writing.await.unwrap();
+    let last: BTreeMap<Key, Version> = versions.iter().cloned().collect();
+    let _ = last_tx.send(last.clone());
+    let (seen, resyncs, view) = watching.await.unwrap();
+    println!(
+        "{kind} watch: {} changes through {cuts} cuts, {} seen, {resyncs} resyncs",
+        versions.len(),
+        seen.len()
+    );
+    // Changes and re-lists together show every key as it ended.
+    assert_eq!(
+        view, last,
+        "{kind}: the watcher's view is not what was written"
+    );
+    if resyncs == 0 {
+        // Without a Resync the watcher must have seen every change.
+        let versions: Vec<Version> = versions.into_iter().map(|(_, v)| v).collect();
+        let missed: Vec<_> = versions.iter().filter(|v| !seen.contains(v)).collect();
+        assert_eq!(
+            seen, versions,
+            "{kind}: the watcher missed changes without a Resync: {missed:?}"
+        );
+    }
+}
+
 fn backends() -> Vec<String> {
     match std::env::var("DPRIM_TEST_BACKENDS") {
         Ok(list) => list
@@ -304,5 +426,12 @@ async fn queues_lose_no_push_when_connections_are_cut() {
 async fn locks_stay_exclusive_when_connections_are_cut() {
     for kind in backends() {
         lock_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_miss_nothing_silently_when_connections_are_cut() {
+    for kind in backends() {
+        watch_through_cuts(&kind).await;
     }
 }

@@ -12,6 +12,7 @@ use dprim::{
     Txn, TxnResult, Value, Version, WatchEvent, WatchStart, WatchStream, WatchTarget,
 };
 use futures::StreamExt;
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 pub(crate) struct NatsKv {
@@ -200,6 +201,16 @@ impl Kv for NatsKv {
                 Some(v.get() + 1)
             }
         };
+        // Connections made so far: a reconnect may lose changes in transit
+        // (the ordered consumer then recreates itself, but one lost with
+        // the connection was seen to go missing with no gap reported), so
+        // the watch cannot prove continuity across one.
+        let connects = self
+            .nats
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::SeqCst);
         // The consumer exists before `watch` returns, so every later change
         // is covered.
         let follow = self.nats.follow(&filter, from).await?;
@@ -233,7 +244,12 @@ impl Kv for NatsKv {
                     _ = tx.closed() => return,
                     item = changes.next() => item,
                 };
+                let reconnected =
+                    nats.client.statistics().connects.load(Ordering::SeqCst) != connects;
                 let event = match item {
+                    Some(Ok(_)) if reconnected => Ok(WatchEvent::Resync {
+                        reason: "the connection to NATS was re-established and changes may have been lost with it; re-list and watch again".into(),
+                    }),
                     Some(Ok((r, pending))) => match trimmed_before(&nats, &r, pending).await {
                         Ok(false) => match event(&nats, &r) {
                             Ok(Some(e)) => Ok(e),
