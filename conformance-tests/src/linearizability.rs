@@ -255,6 +255,15 @@ impl History {
     }
 }
 
+/// The two keys the races of the suite and of dprim's fault tests use:
+/// few enough that clients keep running into each other.
+pub fn registers() -> Vec<Key> {
+    ["register/a", "register/b"]
+        .into_iter()
+        .filter_map(|k| Key::new(k).ok())
+        .collect()
+}
+
 /// Runs [`History::random_ops`] on every client at once (client number
 /// `i` is `clients[i]`, ideally each its own connection) and returns the
 /// history when all are done; the first client error ends it.

@@ -26,7 +26,7 @@ use dprim::{
     Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
 };
 use dprim_conformance::faults::TcpProxy;
-use dprim_conformance::linearizability::race;
+use dprim_conformance::linearizability::{race, registers};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,11 +80,13 @@ async fn race_through_cuts(kind: &str) {
         clients.push(dprim_runtime::open_config(&config).await.unwrap());
     }
     let linearizable_reads = clients[0].capabilities().kv.linearizable;
-    let keys = vec![
-        Key::new("register/a").unwrap(),
-        Key::new("register/b").unwrap(),
-    ];
-    let racers = tokio::spawn(race(clients, keys, 300, Duration::from_millis(2), false));
+    let racers = tokio::spawn(race(
+        clients,
+        registers(),
+        300,
+        Duration::from_millis(2),
+        false,
+    ));
     let cuts = cut_until(&proxy, &racers).await;
     let history = racers.await.unwrap().unwrap();
     let checked = history

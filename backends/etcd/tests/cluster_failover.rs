@@ -13,7 +13,7 @@ mod support;
 use dprim::{
     Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
 };
-use dprim_conformance::linearizability::race;
+use dprim_conformance::linearizability::{race, registers};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::Servers;
@@ -92,12 +92,14 @@ async fn leader_killed_and_restarted_loses_nothing() {
     for _ in 0..3 {
         clients.push(dprim_etcd::connect(&config.backend).await.unwrap());
     }
-    let keys = vec![
-        Key::new("register/a").unwrap(),
-        Key::new("register/b").unwrap(),
-    ];
     // About 8 s at a few milliseconds per operation and pause.
-    let racers = tokio::spawn(race(clients, keys, 600, Duration::from_millis(10), false));
+    let racers = tokio::spawn(race(
+        clients,
+        registers(),
+        600,
+        Duration::from_millis(10),
+        false,
+    ));
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = leader_member().await;

@@ -11,8 +11,8 @@
 
 mod support;
 
-use dprim::{Config, Key, PullOptions, Value};
-use dprim_conformance::linearizability::race;
+use dprim::{Config, PullOptions, Value};
+use dprim_conformance::linearizability::{race, registers};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -198,11 +198,13 @@ async fn queue_and_kv_survive_stream_leader_kills() {
     for _ in 0..3 {
         clients.push(dprim_nats::connect(&config.backend).await.unwrap());
     }
-    let keys = vec![
-        Key::new("register/a").unwrap(),
-        Key::new("register/b").unwrap(),
-    ];
-    let racers = tokio::spawn(race(clients, keys, 600, Duration::from_millis(10), false));
+    let racers = tokio::spawn(race(
+        clients,
+        registers(),
+        600,
+        Duration::from_millis(10),
+        false,
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = stream_leader("KV_dprim").expect("find the KV stream's leader");
     println!("killing the KV stream leader {leader} with SIGKILL");

@@ -3,7 +3,7 @@
 // ephemeral (session-attached) keys.
 
 use super::{case, next_change, show};
-use crate::linearizability::{race, History};
+use crate::linearizability::{race, registers, History};
 use crate::util::{
     completes, ensure, ensure_eq, eventually, expect_err, fail, key, val, Context, QUIET, WAIT,
 };
@@ -1760,8 +1760,7 @@ async fn concurrent_history(ctx: &Ctx) -> Result<History, Fail> {
     for _ in 0..4 {
         clients.push(ctx.another_client().await.ctx("open a client")?);
     }
-    let keys = vec![key("register/a")?, key("register/b")?];
-    race(clients, keys, 60, Duration::ZERO, true)
+    race(clients, registers(), 60, Duration::ZERO, true)
         .await
         .map_err(Fail::Failed)
 }
