@@ -234,7 +234,9 @@ impl History {
     /// and the operations none of which could come next.
     pub fn check(&self, reads: bool) -> Result<Checked, String> {
         let mut by_key: BTreeMap<String, Vec<Op>> = BTreeMap::new();
+        let mut unknown = 0;
         for op in self.ops() {
+            unknown += usize::from(op.returned.is_none());
             let unknown_read =
                 matches!(op.call, KvCall::Get) && matches!(op.ret, KvReturn::Unknown(_));
             if unknown_read || (!reads && matches!(op.call, KvCall::Get)) {
@@ -243,7 +245,7 @@ impl History {
             by_key.entry(op.key.to_string()).or_default().push(op);
         }
         let mut checked = Checked {
-            unknown: self.ops().iter().filter(|op| op.returned.is_none()).count(),
+            unknown,
             ..Checked::default()
         };
         for (key, ops) in by_key {

@@ -205,12 +205,8 @@ impl Kv for NatsKv {
         // (the ordered consumer then recreates itself, but one lost with
         // the connection was seen to go missing with no gap reported), so
         // the watch cannot prove continuity across one.
-        let connects = self
-            .nats
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::SeqCst);
+        let stats = self.nats.client.statistics();
+        let connects = stats.connects.load(Ordering::SeqCst);
         // The consumer exists before `watch` returns, so every later change
         // is covered.
         let follow = self.nats.follow(&filter, from).await?;
@@ -244,8 +240,7 @@ impl Kv for NatsKv {
                     _ = tx.closed() => return,
                     item = changes.next() => item,
                 };
-                let reconnected =
-                    nats.client.statistics().connects.load(Ordering::SeqCst) != connects;
+                let reconnected = stats.connects.load(Ordering::SeqCst) != connects;
                 let event = match item {
                     Some(Ok(_)) if reconnected => Ok(WatchEvent::Resync {
                         reason: "the connection to NATS was re-established and changes may have been lost with it; re-list and watch again".into(),
