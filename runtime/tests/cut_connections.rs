@@ -17,13 +17,21 @@
 //!   is not: it sees every change, in order, unless it says `Resync` (then
 //!   it re-lists and watches again from there).
 //!
+//! - a supervisor and three agents behind the proxy run tasks launched by a
+//!   client that is not: every task runs exactly once and ends FINISHED
+//!   (an agent's report that cannot be written is kept and delivered
+//!   later, never lost or applied twice).
+//!
 //! Runs on the real backends named in DPRIM_TEST_BACKENDS (`scripts/test.sh`
 //! sets `etcd,zookeeper,nats` and starts their servers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use dprim::queue::{PullOptions, QueueOptions};
 use dprim::{
-    Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
+    Config, Depth, ErrorKind, Key, KvExt, Tasks, Value, Version, WatchEvent, WatchStart,
+    WatchTarget,
 };
 use dprim_conformance::faults::TcpProxy;
 use dprim_conformance::linearizability::{race, registers};
@@ -395,6 +403,88 @@ async fn watch_through_cuts(kind: &str) {
     }
 }
 
+const TASKS: usize = 40;
+
+async fn tasks_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "tasks").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "tasks"))
+        .await
+        .unwrap();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let work = support::temp_dir("cut", &format!("tasks-{kind}"));
+    let runs = work.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let mut running = Vec::new();
+    let supervisor = dprim_runtime::open_config(&config).await.unwrap();
+    let supervisor = support::supervisor(&supervisor, Duration::from_secs(120));
+    running.push(tokio::spawn(supervisor.run(support::stopped(&stop))));
+    for i in 0..3 {
+        let backend = dprim_runtime::open_config(&config).await.unwrap();
+        let mut agent = support::agent_config(
+            work.join(format!("agent-{i}")),
+            Duration::from_secs(5),
+            Default::default(),
+        );
+        agent.id = format!("a{i}");
+        let agent = dprim_runtime::tasks::agent::Agent::new(backend, agent);
+        running.push(tokio::spawn(agent.run(support::stopped(&stop))));
+    }
+    let client = dprim_runtime::tasks::client::TasksClient::new(direct);
+    let runs_dir = runs.clone();
+    let launching = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0..TASKS {
+            // Each run of task n adds a line to its own file.
+            // Some run long enough to report RUNNING across a cut.
+            let script = format!("sleep 0.{}; echo ran >> {}/{n}", n % 8, runs_dir.display());
+            let spec = support::shell(&script, 0.5);
+            ids.push(client.launch(spec).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last.clear();
+            for id in &ids {
+                last.push(client.status(id).await.unwrap());
+            }
+            if last.iter().all(|s| s.state.is_terminal()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        last
+    });
+    let cuts = cut_until(&proxy, &launching).await;
+    let statuses = launching.await.unwrap();
+    stop.send_replace(true);
+    for handle in running {
+        handle.await.unwrap().unwrap();
+    }
+    let mut problems = Vec::new();
+    for (n, status) in statuses.iter().enumerate() {
+        if status.state != dprim::tasks::TaskState::Finished || status.exit_code != Some(0) {
+            problems.push(format!("task {n} ({}) ended {status:?}", status.id));
+        }
+        let ran = std::fs::read_to_string(runs.join(n.to_string())).unwrap_or_default();
+        if ran.lines().count() != 1 {
+            problems.push(format!(
+                "task {n} ({}) ran {} times",
+                status.id,
+                ran.lines().count()
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{kind}: through {cuts} cuts (sandboxes in {}):\n{}",
+        work.display(),
+        problems.join("\n")
+    );
+    println!("{kind}: {TASKS} tasks, each ran once and finished, through {cuts} cuts");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 fn backends() -> Vec<String> {
     match std::env::var("DPRIM_TEST_BACKENDS") {
         Ok(list) => list
@@ -435,5 +525,12 @@ async fn locks_stay_exclusive_when_connections_are_cut() {
 async fn watches_miss_nothing_silently_when_connections_are_cut() {
     for kind in backends() {
         watch_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_run_once_and_finish_when_connections_are_cut() {
+    for kind in backends() {
+        tasks_through_cuts(&kind).await;
     }
 }
