@@ -43,7 +43,9 @@ pub enum ErrorKind {
     /// A write may or may not have taken effect: an attempt failed after
     /// its request may have reached the server, and what the retry found
     /// (e.g. `Conflict` or `AlreadyExists`, which that attempt would cause
-    /// itself) cannot tell. Read the key to learn which.
+    /// itself) cannot tell. Read the key to learn which. From
+    /// `PubSub::flush`: messages published before it may or may not have
+    /// been delivered (the connection was re-established meanwhile).
     OutcomeUnknown,
     /// Anything else: a bug or a backend behaving outside its documented contract.
     Unexpected,

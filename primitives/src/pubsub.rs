@@ -80,6 +80,12 @@ pub trait PubSub: Send + Sync {
     ///   delivered to even if the client is dropped or its process exits
     ///   at once.
     /// - A publisher that exits right after publishing calls it last.
+    /// - A flush that cannot confirm every earlier publish fails. When the
+    ///   client's connection was re-established after one of them, that
+    ///   message may or may not have been delivered, and the flush fails
+    ///   [`ErrorKind::OutcomeUnknown`](crate::ErrorKind::OutcomeUnknown):
+    ///   publish again what must arrive, knowing that subscribers may then
+    ///   get it twice.
     async fn flush(&self) -> Result<()>;
 
     /// Subscribes to one topic (exact match; no wildcards).

@@ -130,7 +130,7 @@ impl Failure {
                 Some("check `username`, `password` and `tls` in the config")
             }
             ErrorKind::OutcomeUnknown => Some(
-                "the write may or may not have taken effect; read the key (`dprim kv get KEY`) before writing again",
+                "the operation may or may not have taken effect; check before repeating it (for a key: `dprim kv get KEY`)",
             ),
             _ => None,
         };
@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(f.code(), BACKEND);
         let text = f.to_string();
         assert!(
-            text.contains("hint: the write may or may not have taken effect; read the key"),
+            text.contains("hint: the operation may or may not have taken effect; check before repeating it (for a key: `dprim kv get KEY`)"),
             "{text}"
         );
     }

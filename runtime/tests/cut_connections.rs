@@ -17,6 +17,10 @@
 //!   is not: it sees every change, in order, unless it says `Resync` (then
 //!   it re-lists and watches again from there).
 //!
+//! - a publisher behind the proxy publishes numbered messages in batches,
+//!   each ended by `flush`, to a subscriber that is not: the subscriber gets
+//!   them in order, none twice, and every message of a batch whose publishes
+//!   and flush all returned `Ok` (a flush that returns promises delivery);
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED
 //!   (an agent's report that cannot be written is kept and delivered
@@ -403,6 +407,97 @@ async fn watch_through_cuts(kind: &str) {
     }
 }
 
+const BATCHES: u32 = 150;
+const BATCH: u32 = 20;
+
+async fn pubsub_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "pubsub").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "pubsub"))
+        .await
+        .unwrap();
+    let publisher = dprim_runtime::open_config(&config).await.unwrap();
+    let topic = Key::new("numbers").unwrap();
+    let mut subscription = direct.pubsub().subscribe(&topic).await.unwrap();
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let subscribing = tokio::spawn(async move {
+        let mut received = Vec::new();
+        loop {
+            // Once the last flush returned everything was routed; what is
+            // still on its way arrives well within the quiet period.
+            let item = tokio::select! {
+                item = subscription.next() => item,
+                _ = async {
+                    let _ = done.wait_for(|d| *d).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                } => break,
+            };
+            match item.expect("the subscription ended").unwrap() {
+                dprim::pubsub::SubscriptionItem::Message(m) => received.push(
+                    String::from_utf8_lossy(m.payload.as_bytes())
+                        .parse::<u32>()
+                        .unwrap(),
+                ),
+                dprim::pubsub::SubscriptionItem::Lagged(n) => {
+                    panic!("the subscriber, reading all along, lagged by {n}")
+                }
+            }
+        }
+        received
+    });
+    let publishing = tokio::spawn(async move {
+        // The batches whose publishes and flush all returned Ok.
+        let mut confirmed = BTreeSet::new();
+        let mut errors = 0;
+        for b in 0..BATCHES {
+            let mut ok = true;
+            for i in b * BATCH..(b + 1) * BATCH {
+                let payload = Value::new(i.to_string().into_bytes()).unwrap();
+                if publisher.pubsub().publish(&topic, payload).await.is_err() {
+                    ok = false;
+                    errors += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            match publisher.pubsub().flush().await {
+                Ok(()) if ok => {
+                    confirmed.insert(b);
+                }
+                Ok(()) => {}
+                Err(_) => errors += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (confirmed, errors)
+    });
+    let cuts = cut_until(&proxy, &publishing).await;
+    let (confirmed, errors) = publishing.await.unwrap();
+    done_tx.send_replace(true);
+    let received = subscribing.await.unwrap();
+    let disorder: Vec<_> = received.windows(2).filter(|w| w[0] >= w[1]).collect();
+    assert!(
+        disorder.is_empty(),
+        "{kind}: messages out of order or twice: {disorder:?}"
+    );
+    let got: BTreeSet<u32> = received.iter().copied().collect();
+    let lost: Vec<u32> = confirmed
+        .iter()
+        .flat_map(|b| b * BATCH..(b + 1) * BATCH)
+        .filter(|i| !got.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{kind}: {} messages of confirmed batches never arrived (first: {:?}); {cuts} cuts, {errors} errors",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    println!(
+        "{kind}: {} of {} batches confirmed, {} messages received in order, {errors} errors, {cuts} cuts",
+        confirmed.len(),
+        BATCHES,
+        received.len()
+    );
+}
+
 const TASKS: usize = 40;
 
 async fn tasks_through_cuts(kind: &str) {
@@ -532,5 +627,12 @@ async fn watches_miss_nothing_silently_when_connections_are_cut() {
 async fn tasks_run_once_and_finish_when_connections_are_cut() {
     for kind in backends() {
         tasks_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flushed_publishes_arrive_in_order_when_connections_are_cut() {
+    for kind in backends() {
+        pubsub_through_cuts(&kind).await;
     }
 }

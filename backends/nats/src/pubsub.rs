@@ -27,6 +27,14 @@ pub(crate) struct NatsPubSub {
     /// The subject of the topic published last, reused while it repeats
     /// (a `Subject` shares its bytes: no copy per publish).
     last_topic: Mutex<Option<(Key, async_nats::Subject)>>,
+    /// The client's counters; `connects` tells one connection from the next.
+    statistics: Arc<async_nats::Statistics>,
+    /// The connection (by `connects` count) of the earliest publish not yet
+    /// covered by a `flush`; `u64::MAX` when there is none. A reconnect may
+    /// lose what was in flight on the old connection, which the round trip
+    /// on the new one cannot see, so `flush` compares this with the
+    /// connection its round trip was made on.
+    unflushed_since: AtomicU64,
 }
 
 /// Window units per window: a publisher never gets more than two windows
@@ -49,10 +57,12 @@ fn unit_cost(payload_len: usize) -> u64 {
 impl NatsPubSub {
     pub(crate) fn new(nats: Nats) -> NatsPubSub {
         NatsPubSub {
-            nats,
             published: AtomicU64::new(0),
             confirm: Mutex::new(None),
             last_topic: Mutex::new(None),
+            statistics: nats.client.statistics(),
+            unflushed_since: AtomicU64::new(u64::MAX),
+            nats,
         }
     }
 
@@ -110,11 +120,16 @@ impl PubSub for NatsPubSub {
     async fn publish(&self, topic: &Key, payload: Value) -> Result<()> {
         let subject = self.subject(topic);
         let cost = unit_cost(payload.len());
+        let connection = self.statistics.connects.load(Ordering::Acquire);
         self.nats
             .client
             .publish(subject, payload.into_shared())
             .await
             .map_err(|e| map_error("publish", e))?;
+        // Connection counts only grow: a recorded one is the earliest.
+        if self.unflushed_since.load(Ordering::Relaxed) > connection {
+            self.unflushed_since.fetch_min(connection, Ordering::AcqRel);
+        }
         // Core NATS publish is at-most-once and the client writes it out
         // on its own, so a publish does not wait for the socket. It must
         // not run unboundedly ahead of the server either: a publisher that
@@ -146,9 +161,20 @@ impl PubSub for NatsPubSub {
     }
 
     /// Publishes are queued in the client; a round trip confirms the server
-    /// has routed them.
+    /// has routed them, unless the client reconnected since the earliest of
+    /// them: what was in flight on the old connection may be lost, and the
+    /// round trip on the new one cannot tell.
     async fn flush(&self) -> Result<()> {
-        routed(&self.nats.client, self.nats.request_timeout).await
+        let since = self.unflushed_since.swap(u64::MAX, Ordering::AcqRel);
+        routed(&self.nats.client, self.nats.request_timeout).await?;
+        let now = self.statistics.connects.load(Ordering::Acquire);
+        if since != u64::MAX && now != since {
+            return Err(dprim::Error::new(
+                dprim::ErrorKind::OutcomeUnknown,
+                "flush: the connection to NATS was re-established after earlier publishes of this client, and messages in flight on the old connection may have been lost; publish again what must arrive (subscribers may then get it twice)",
+            ));
+        }
+        Ok(())
     }
 
     async fn subscribe(&self, topic: &Key) -> Result<Subscription> {
