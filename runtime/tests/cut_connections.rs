@@ -417,33 +417,14 @@ async fn pubsub_through_cuts(kind: &str) {
         .unwrap();
     let publisher = dprim_runtime::open_config(&config).await.unwrap();
     let topic = Key::new("numbers").unwrap();
-    let mut subscription = direct.pubsub().subscribe(&topic).await.unwrap();
-    let (done_tx, mut done) = tokio::sync::watch::channel(false);
-    let subscribing = tokio::spawn(async move {
-        let mut received = Vec::new();
-        loop {
-            // Once the last flush returned everything was routed; what is
-            // still on its way arrives well within the quiet period.
-            let item = tokio::select! {
-                item = subscription.next() => item,
-                _ = async {
-                    let _ = done.wait_for(|d| *d).await;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                } => break,
-            };
-            match item.expect("the subscription ended").unwrap() {
-                dprim::pubsub::SubscriptionItem::Message(m) => received.push(
-                    String::from_utf8_lossy(m.payload.as_bytes())
-                        .parse::<u32>()
-                        .unwrap(),
-                ),
-                dprim::pubsub::SubscriptionItem::Lagged(n) => {
-                    panic!("the subscriber, reading all along, lagged by {n}")
-                }
-            }
-        }
-        received
-    });
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let subscription = direct.pubsub().subscribe(&topic).await.unwrap();
+    let subscribing = tokio::spawn(numbers(subscription, done.clone()));
+    // A second subscriber behind the proxy may lose messages while its
+    // connection is down, but never gets one twice or out of order.
+    let cut_off = dprim_runtime::open_config(&config).await.unwrap();
+    let subscription = cut_off.pubsub().subscribe(&topic).await.unwrap();
+    let subscribing_cut_off = tokio::spawn(numbers(subscription, done));
     let publishing = tokio::spawn(async move {
         // The batches whose publishes and flush all returned Ok.
         let mut confirmed = BTreeSet::new();
@@ -472,7 +453,16 @@ async fn pubsub_through_cuts(kind: &str) {
     let cuts = cut_until(&proxy, &publishing).await;
     let (confirmed, errors) = publishing.await.unwrap();
     done_tx.send_replace(true);
-    let received = subscribing.await.unwrap();
+    let (received, _) = subscribing.await.unwrap();
+    let (received_cut_off, errors_cut_off) = subscribing_cut_off.await.unwrap();
+    let disorder: Vec<_> = received_cut_off
+        .windows(2)
+        .filter(|w| w[0] >= w[1])
+        .collect();
+    assert!(
+        disorder.is_empty(),
+        "{kind}: the subscriber behind the proxy got messages out of order or twice: {disorder:?}"
+    );
     let disorder: Vec<_> = received.windows(2).filter(|w| w[0] >= w[1]).collect();
     assert!(
         disorder.is_empty(),
@@ -491,11 +481,46 @@ async fn pubsub_through_cuts(kind: &str) {
         &lost[..lost.len().min(10)]
     );
     println!(
-        "{kind}: {} of {} batches confirmed, {} messages received in order, {errors} errors, {cuts} cuts",
+        "{kind}: {} of {} batches confirmed, {} messages received in order, {errors} errors, {cuts} cuts; behind the proxy: {} messages in order, {errors_cut_off} errors",
         confirmed.len(),
         BATCHES,
-        received.len()
+        received.len(),
+        received_cut_off.len(),
     );
+}
+
+/// The numbers a subscription delivers until `done` is set and two quiet
+/// seconds passed (everything was routed once the last flush returned;
+/// what is still on its way arrives well within them), and how many errors
+/// it returned meanwhile.
+async fn numbers(
+    mut subscription: dprim::Subscription,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<u32>, u32) {
+    let mut received = Vec::new();
+    let mut errors = 0;
+    loop {
+        let item = tokio::select! {
+            item = subscription.next() => item,
+            _ = async {
+                let _ = done.wait_for(|d| *d).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            } => break,
+        };
+        match item {
+            None => break,
+            Some(Err(_)) => errors += 1,
+            Some(Ok(dprim::pubsub::SubscriptionItem::Message(m))) => received.push(
+                String::from_utf8_lossy(m.payload.as_bytes())
+                    .parse::<u32>()
+                    .unwrap(),
+            ),
+            Some(Ok(dprim::pubsub::SubscriptionItem::Lagged(n))) => {
+                panic!("a subscriber reading all along lagged by {n}")
+            }
+        }
+    }
+    (received, errors)
 }
 
 const TASKS: usize = 40;

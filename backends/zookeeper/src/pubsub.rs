@@ -9,6 +9,7 @@
 use crate::layout::sequence;
 use crate::Zk;
 use async_trait::async_trait;
+use dprim::retry::RetryPolicy;
 use dprim::{ErrorKind, Key, Message, PubSub, Result, Subscription, SubscriptionItem, Value};
 use futures::StreamExt;
 use std::collections::VecDeque;
@@ -111,8 +112,12 @@ impl PubSub for ZkPubSub {
         tokio::spawn(async move {
             let prefix = format!("{dir}/");
             let mut disconnected = false;
+            // A read that fails for a moment (a connection reset) is tried
+            // again: only a message trimmed before it was read is lost.
             let fetch = |path: String, client: zookeeper_client::Client, zk: Zk| async move {
-                zk.call("get", client.get_data(&path)).await
+                RetryPolicy::default()
+                    .run(|| zk.call("get", client.get_data(&path)))
+                    .await
             };
             loop {
                 let event = tokio::select! {
@@ -132,15 +137,21 @@ impl PubSub for ZkPubSub {
                             // Events may be lost while disconnected: catch up
                             // from the directory itself.
                             disconnected = false;
-                            if let Ok(children) = zk.call("list", client.list_children(&dir)).await
-                            {
-                                let mut found: Vec<(i64, String)> = children
-                                    .iter()
-                                    .filter_map(|c| sequence(c).map(|s| (s, format!("{dir}/{c}"))))
-                                    .collect();
-                                found.sort();
-                                paths.extend(found);
-                            }
+                            let listed = RetryPolicy::default()
+                                .run(|| zk.call("list", client.list_children(&dir)))
+                                .await;
+                            let Ok(children) = listed else {
+                                // Messages published meanwhile cannot be
+                                // found: end rather than skip them silently.
+                                feed.end();
+                                return;
+                            };
+                            let mut found: Vec<(i64, String)> = children
+                                .iter()
+                                .filter_map(|c| sequence(c).map(|s| (s, format!("{dir}/{c}"))))
+                                .collect();
+                            found.sort();
+                            paths.extend(found);
                         }
                         SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {
                             // The watch died with its session: everything
@@ -167,7 +178,8 @@ impl PubSub for ZkPubSub {
                                 });
                             }
                         }
-                        // Trimmed before this slow subscriber read it.
+                        // Trimmed before this slow subscriber read it, or
+                        // unreadable for longer than the retries wait.
                         Err(_) => feed.lag(1),
                     }
                 }
