@@ -13,6 +13,13 @@ pub(crate) const WAIT: Duration = Duration::from_secs(5);
 /// How long the suite watches for something that must NOT happen.
 pub(crate) const QUIET: Duration = Duration::from_millis(300);
 
+/// How many requests a cancellation case drops, each after a random time
+/// below [`DROP_WITHIN_MICROS`]: on a loopback server most are dropped while
+/// their first request is on its way.
+pub(crate) const DROPS: u32 = 40;
+/// See [`DROPS`].
+pub(crate) const DROP_WITHIN_MICROS: u64 = 3_000;
+
 /// Fails the case with a formatted message.
 macro_rules! fail {
     ($($arg:tt)*) => {

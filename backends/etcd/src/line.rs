@@ -40,6 +40,10 @@ impl Line {
             format!("{:016x}-{:016x}", session.id().0, rand::random::<u64>()).as_bytes(),
         );
         let options = etcd_client::PutOptions::new().with_lease(session.id().0 as i64);
+        let mut joining = Joining {
+            line: self.clone(),
+            key: Some(key.clone()),
+        };
         let resp = match self
             .etcd
             .call("put", self.etcd.kv().put(key.clone(), value, Some(options)))
@@ -55,9 +59,11 @@ impl Line {
                         tracing::warn!(error = %gone, "removing a place whose join failed; the session's lease will clear it");
                     }
                 }
+                joining.key = None;
                 return Err(e);
             }
         };
+        joining.key = None;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(Place { key, revision })
     }
@@ -218,6 +224,41 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// How long after removing the place of a cancelled join it is removed
+/// once more: the server may apply a put it had already received after a
+/// delete sent later on another stream of the connection.
+const REMOVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// Removes, in the background, the place a join may have put when the join
+/// is dropped before it returns (a campaign or lock request cancelled while
+/// its put was on its way): nobody would ever leave that place, and it would
+/// stand in line for as long as its session's lease lives.
+struct Joining {
+    line: Line,
+    /// `None` once the join returned.
+    key: Option<Vec<u8>>,
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let line = self.line.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                for pause in [Duration::ZERO, REMOVE_AGAIN_AFTER] {
+                    tokio::time::sleep(pause).await;
+                    if let Err(e) = line.remove(&key).await {
+                        tracing::warn!(error = %e, "removing the place of a cancelled join failed; the session's lease will clear it");
+                        return;
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use dprim::retry::RetryPolicy;
 use dprim::{Error, Result, Session};
 use futures::StreamExt;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// One place in a line.
@@ -41,21 +42,26 @@ impl Line {
     pub(crate) async fn join(&self, session: &Session, value: Vec<u8>) -> Result<Place> {
         session.check()?;
         let subject = format!("{}.{:016x}", self.prefix, rand::random::<u64>());
+        let place = Place {
+            subject,
+            seq: 0,
+            session: session.id().0,
+        };
+        let mut joining = Joining {
+            line: self.clone(),
+            place: Some(place.clone()),
+        };
         let written = self
             .nats
             .write_owned(
-                &subject,
+                &place.subject,
                 Bytes::from(value),
                 owned(None),
                 Some(0),
                 session.id().0,
             )
             .await;
-        let place = Place {
-            subject,
-            seq: 0,
-            session: session.id().0,
-        };
+        joining.place = None;
         match written {
             Ok(seq) => Ok(Place { seq, ..place }),
             Err(e) => {
@@ -159,6 +165,41 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// How long after removing the place of a cancelled join it is removed
+/// once more: the server may store a write it had already received after a
+/// purge requested later.
+const REMOVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// Removes, in the background, the place a join may have written when the
+/// join is dropped before it returns (a campaign or lock request cancelled
+/// while its write was on its way): nobody would ever leave that place, and
+/// it would stand in line for as long as its session lives.
+struct Joining {
+    line: Line,
+    /// `None` once the join returned.
+    place: Option<Place>,
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        let Some(place) = self.place.take() else {
+            return;
+        };
+        let line = self.line.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                for pause in [Duration::ZERO, REMOVE_AGAIN_AFTER] {
+                    tokio::time::sleep(pause).await;
+                    if let Err(e) = line.leave(&place).await {
+                        tracing::warn!(error = %e, "removing the place of a cancelled join failed; the session's end will clear it");
+                        return;
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use dprim::retry::RetryPolicy;
 use dprim::{Error, ErrorKind, Result, Session};
 use std::time::Duration;
 use tokio::time::Instant;
-use zookeeper_client::{CreateMode, Stat};
+use zookeeper_client::{Client, CreateMode, Stat};
 
 /// One place in a line.
 #[derive(Clone)]
@@ -53,6 +53,11 @@ impl Line {
         // ZooKeeper names the node: the random part lets this client find
         // it again if the create's answer is lost.
         let prefix = format!("{}/n-{:016x}-", self.dir, rand::random::<u64>());
+        let mut joining = Joining {
+            line: self.clone(),
+            client: client.clone(),
+            prefix: Some(prefix.clone()),
+        };
         for _ in 0..3 {
             match self
                 .zk
@@ -60,12 +65,13 @@ impl Line {
                 .await
             {
                 Ok((stat, seq)) => {
+                    joining.prefix = None;
                     return Ok(Place {
                         path: format!("{prefix}{seq}"),
                         seq: seq.into_i64(),
                         czxid: stat.czxid,
                         owner: session.id().0 as i64,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     let main = self.zk.client().await?;
@@ -76,10 +82,11 @@ impl Line {
                     // line for as long as the session lives, in front of
                     // this very caller when it tries again.
                     if e.may_have_applied() {
-                        if let Err(gone) = self.remove_created(&prefix).await {
+                        if let Err(gone) = self.remove_created(&client, &prefix).await {
                             tracing::warn!(error = %gone, "removing a place whose join failed; the session's end will clear it");
                         }
                     }
+                    joining.prefix = None;
                     return Err(e);
                 }
             }
@@ -108,12 +115,13 @@ impl Line {
         }
     }
 
-    /// Deletes the node a create under `prefix` may have made.
-    async fn remove_created(&self, prefix: &str) -> Result<()> {
+    /// Deletes the node a create under `prefix` through `client` may have
+    /// made. The listing goes through that same client: ZooKeeper answers a
+    /// client's requests in order, so it sees the create if it was applied.
+    async fn remove_created(&self, client: &Client, prefix: &str) -> Result<()> {
         let name = prefix.rsplit('/').next().unwrap_or_default().to_string();
         RetryPolicy::default()
             .run(|| async {
-                let client = self.zk.client().await?;
                 let children = match self.zk.call("list", client.list_children(&self.dir)).await {
                     Ok(c) => c,
                     Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
@@ -238,6 +246,33 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Removes, in the background, the place a join may have created when the
+/// join is dropped before it returns (a campaign or lock request cancelled
+/// while its create was on its way): nobody would ever leave that place,
+/// and it would stand in line for as long as its session lives.
+struct Joining {
+    line: Line,
+    client: Client,
+    /// `None` once the join returned.
+    prefix: Option<String>,
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        let Some(prefix) = self.prefix.take() else {
+            return;
+        };
+        let (line, client) = (self.line.clone(), self.client.clone());
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Err(e) = line.remove_created(&client, &prefix).await {
+                    tracing::warn!(error = %e, "removing the place of a cancelled join failed; the session's end will clear it");
+                }
+            });
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 
 use super::case;
 use crate::util::{
-    completes, ensure, ensure_eq, expect_err, fail, key, val, within, Context, QUIET, WAIT,
+    completes, ensure, ensure_eq, expect_err, fail, key, val, within, Context, DROPS,
+    DROP_WITHIN_MICROS, QUIET, WAIT,
 };
 use crate::{Case, CaseResult, Ctx, Fail, Requirement};
 use dprim::{Backend, ErrorKind, Key, Leader, Leadership, Session, Term};
@@ -68,6 +69,12 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(
             "election::dropped_campaign_withdraws",
             dropped_campaign_withdraws,
+            [],
+            "Dropping the returned future withdraws the candidacy."
+        ),
+        case!(
+            "election::campaign_dropped_at_any_point_withdraws",
+            campaign_dropped_at_any_point_withdraws,
             [],
             "Dropping the returned future withdraws the candidacy."
         ),
@@ -502,6 +509,50 @@ async fn dropped_campaign_withdraws(ctx: Ctx) -> CaseResult {
         "the leader after the withdrawn candidacy"
     );
     ensure_eq!(seen.session, s2.id(), "the leader's session");
+    ensure!(
+        quitter.is_alive(),
+        "withdrawing ended the quitter's session"
+    );
+    l2.resign().await.ctx("resign")?;
+    Ok(())
+}
+
+/// Campaigns dropped at random moments, from before the first request to
+/// long after joining the line, most of them while their request to join
+/// is on its way: a candidacy joined by a request whose answer nobody
+/// waits for must be withdrawn all the same.
+async fn campaign_dropped_at_any_point_withdraws(ctx: Ctx) -> CaseResult {
+    let s0 = ctx.session().await?;
+    let l0 = ctx
+        .backend
+        .elections()
+        .campaign(&name()?, val("leader")?, &s0)
+        .await
+        .ctx("campaign")?;
+    let quitter = ctx.session().await?;
+    for _ in 0..DROPS {
+        let after = Duration::from_micros(rand::random_range(0..DROP_WITHIN_MICROS));
+        let dropped = completes(
+            after,
+            ctx.backend
+                .elections()
+                .campaign(&name()?, val("quitter")?, &quitter),
+        )
+        .await;
+        ensure!(
+            dropped.is_none(),
+            "a campaign ended while another candidate led: {dropped:?}"
+        );
+    }
+    let s2 = ctx.session().await?;
+    let c2 = candidate(&ctx.backend, &s2, "next")?;
+    l0.resign().await.ctx("resign")?;
+    let l2 = elected(
+        c2,
+        WAIT,
+        "the live candidate after campaigns dropped on their way into line",
+    )
+    .await?;
     ensure!(
         quitter.is_alive(),
         "withdrawing ended the quitter's session"

@@ -4,7 +4,8 @@
 
 use super::case;
 use crate::util::{
-    completes, ensure, ensure_eq, expect_err, fail, key, within, Context, QUIET, WAIT,
+    completes, ensure, ensure_eq, expect_err, fail, key, within, Context, DROPS,
+    DROP_WITHIN_MICROS, QUIET, WAIT,
 };
 use crate::{Case, CaseResult, Ctx, Fail, Requirement};
 use dprim::{Backend, ErrorKind, FencingToken, Key, LockGuard, Session};
@@ -48,6 +49,12 @@ pub(crate) fn cases() -> Vec<Case> {
         case!(
             "lock::waiter_giving_up_does_not_jump_holder",
             waiter_giving_up_does_not_jump_holder,
+            [],
+            "A waiter that gives up (timeout, dropped future, lost session) leaves the queue without letting anyone jump the current holder."
+        ),
+        case!(
+            "lock::lock_dropped_at_any_point_leaves_the_line",
+            lock_dropped_at_any_point_leaves_the_line,
             [],
             "A waiter that gives up (timeout, dropped future, lost session) leaves the queue without letting anyone jump the current holder."
         ),
@@ -412,6 +419,41 @@ async fn waiter_giving_up_does_not_jump_holder(ctx: Ctx) -> CaseResult {
         g2.fencing_token()
     );
     ensure_eq!(g2.session().id(), s_next.id(), "the new holder's session");
+    Ok(())
+}
+
+/// Lock requests dropped at random moments, from before the first request
+/// to long after joining the line, most of them while their request to join
+/// is on its way: a place joined by a request whose answer nobody waits for
+/// must be given up all the same.
+async fn lock_dropped_at_any_point_leaves_the_line(ctx: Ctx) -> CaseResult {
+    let n = name()?;
+    let holder = ctx.session().await?;
+    let g = ctx
+        .backend
+        .locks()
+        .lock(&n, &holder, WAIT)
+        .await
+        .ctx("lock")?;
+    let quitter = ctx.session().await?;
+    for _ in 0..DROPS {
+        let after = Duration::from_micros(rand::random_range(0..DROP_WITHIN_MICROS));
+        let dropped = completes(after, ctx.backend.locks().lock(&n, &quitter, WAIT * 4)).await;
+        ensure!(
+            dropped.is_none(),
+            "a lock request ended while the lock was held: {dropped:?}"
+        );
+    }
+    let s_next = ctx.session().await?;
+    let w_next = waiter(&ctx.backend, &s_next, WAIT * 2)?;
+    g.unlock().await.ctx("unlock")?;
+    let g2 = acquired(
+        w_next,
+        "the live waiter after requests dropped on their way into line",
+    )
+    .await?;
+    ensure!(quitter.is_alive(), "giving up ended the quitter's session");
+    g2.unlock().await.ctx("unlock")?;
     Ok(())
 }
 
