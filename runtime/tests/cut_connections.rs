@@ -17,6 +17,10 @@
 //!   is not: it sees every change, in order, unless it says `Resync` (then
 //!   it re-lists and watches again from there).
 //!
+//! - three candidates take 20 terms each at one election (one of them drops
+//!   some campaigns after 30 ms) while an observer follows: never two
+//!   leaders at once, terms grow with every election, and the observer
+//!   follows to the end without failing or going back;
 //! - a publisher behind the proxy publishes numbered messages in batches,
 //!   each ended by `flush`, to a subscriber that is not: the subscriber gets
 //!   them in order, none twice, and every message of a batch whose publishes
@@ -287,6 +291,145 @@ async fn lock_through_cuts(kind: &str) {
     println!(
         "{kind} lock: {} turns through {cuts} cuts, {failures} failed lock or unlock calls",
         grants.len()
+    );
+}
+
+const TERMS: u32 = 20;
+
+async fn election_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "election").await;
+    let name = Key::new("leader").unwrap();
+    // Who leads, and the terms in the order they were won: (client, term).
+    let leading: Arc<Mutex<Option<usize>>> = Arc::default();
+    let terms: Arc<Mutex<Vec<(usize, u64)>>> = Arc::default();
+    let observer = dprim_runtime::open_config(&config).await.unwrap();
+    let mut observed = observer.elections().observe(&name).await.unwrap();
+    let mut candidates = Vec::new();
+    for c in 0..3 {
+        let backend = dprim_runtime::open_config(&config).await.unwrap();
+        let (name, leading, terms) = (name.clone(), leading.clone(), terms.clone());
+        candidates.push(tokio::spawn(async move {
+            let mut session = None;
+            let (mut won, mut withdrawn, mut failures) = (0, 0, Vec::new());
+            let started = Instant::now();
+            while won < TERMS {
+                assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "candidate {c}: {won} of {TERMS} terms in 90 s; failures: {failures:?}"
+                );
+                let s = match &session {
+                    Some(s) => s,
+                    None => match backend.sessions().open(Duration::from_secs(3)).await {
+                        Ok(s) => session.insert(s),
+                        Err(e) => {
+                            failures.push(format!("open session: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                let value = Value::new(format!("candidate {c}").into_bytes()).unwrap();
+                // Candidate 2 gives up some campaigns early: a candidacy
+                // withdrawn through the cuts must not stay in line.
+                let patience = if c == 2 && won % 3 == 0 {
+                    Duration::from_millis(30)
+                } else {
+                    Duration::from_secs(10)
+                };
+                let leadership = match tokio::time::timeout(
+                    patience,
+                    backend.elections().campaign(&name, value, s),
+                )
+                .await
+                {
+                    Err(_) => {
+                        withdrawn += 1;
+                        continue;
+                    }
+                    Ok(Ok(l)) => l,
+                    Ok(Err(e)) => {
+                        if e.kind() == ErrorKind::SessionLost {
+                            session = None;
+                        }
+                        failures.push(format!("campaign: {e}"));
+                        continue;
+                    }
+                };
+                {
+                    let mut who = leading.lock().unwrap();
+                    assert_eq!(*who, None, "candidate {c} was elected while {who:?} led");
+                    *who = Some(c);
+                }
+                terms.lock().unwrap().push((c, leadership.term().0));
+                let proclaimed = Value::new(format!("candidate {c}, busy").into_bytes()).unwrap();
+                if let Err(e) = leadership.proclaim(proclaimed).await {
+                    failures.push(format!("proclaim: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Step down before resigning: after it, someone else may lead.
+                *leading.lock().unwrap() = None;
+                if let Err(e) = leadership.resign().await {
+                    failures.push(format!("resign: {e}"));
+                }
+                won += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (failures.len(), withdrawn)
+        }));
+    }
+    let all = tokio::spawn(futures::future::join_all(candidates));
+    // The observer behind the proxy: terms never go backwards, and it
+    // follows to the end (no leader) without failing.
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let observing = tokio::spawn(async move {
+        use futures::StreamExt;
+        let (mut last, mut seen, mut errors) = (None::<dprim::Leader>, 0, Vec::new());
+        loop {
+            let item = tokio::select! {
+                item = observed.next() => item,
+                _ = async {
+                    let _ = done.wait_for(|d| *d).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                } => break,
+            };
+            match item {
+                None => {
+                    errors.push(format!("the observation ended after {seen} leaders"));
+                    break;
+                }
+                Some(Ok(leader)) => {
+                    if let (Some(now), Some(before)) = (&leader, &last) {
+                        assert!(
+                            now.term >= before.term,
+                            "the observer saw term {} after term {}",
+                            now.term,
+                            before.term
+                        );
+                    }
+                    last = leader;
+                    seen += 1;
+                }
+                Some(Err(e)) => errors.push(format!("after {seen} leaders: {e}")),
+            }
+        }
+        (seen, last, errors)
+    });
+    let cuts = cut_until(&proxy, &all).await;
+    let results: Vec<(usize, u32)> = all.await.unwrap().into_iter().map(|r| r.unwrap()).collect();
+    done_tx.send_replace(true);
+    let (seen, last, errors) = observing.await.unwrap();
+    assert!(
+        errors.is_empty() && last.is_none(),
+        "{kind}: the observer failed or fell behind: errors {errors:?}, last saw {last:?}"
+    );
+    drop(observer);
+    let terms = terms.lock().unwrap().clone();
+    assert!(
+        terms.windows(2).all(|w| w[0].1 < w[1].1),
+        "{kind}: terms did not grow with every election: {terms:?}"
+    );
+    println!(
+        "{kind} election: {} terms through {cuts} cuts; (failed calls, withdrawn campaigns) per candidate: {results:?}; the observer saw {seen} changes",
+        terms.len()
     );
 }
 
@@ -659,5 +802,12 @@ async fn tasks_run_once_and_finish_when_connections_are_cut() {
 async fn flushed_publishes_arrive_in_order_when_connections_are_cut() {
     for kind in backends() {
         pubsub_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn elections_stay_exclusive_when_connections_are_cut() {
+    for kind in backends() {
+        election_through_cuts(&kind).await;
     }
 }

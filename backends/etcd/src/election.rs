@@ -5,6 +5,7 @@ use crate::line::{LeaveOnDrop, Line, Place};
 use crate::Etcd;
 use async_trait::async_trait;
 use dprim::election::LeadershipControl;
+use dprim::retry::RetryPolicy;
 use dprim::{Elections, Error, Key, Leader, Leadership, Result, Session, SessionId, Term, Value};
 use etcd_client::{Compare, CompareOp, KeyValue};
 use futures::stream::BoxStream;
@@ -69,54 +70,63 @@ impl Elections for EtcdElections {
 
     async fn observe(&self, name: &Key) -> Result<BoxStream<'static, Result<Option<Leader>>>> {
         let line = self.line(name);
-        let (head, rev) = line.head().await?;
-        let first = head.as_ref().map(leader).transpose()?;
-        let mut watch = line.watch_all(rev + 1).await?;
+        let (first, mut watch) = head_and_watch(&line).await?;
         let (tx, mut rx) = mpsc::channel(16);
         let _ = tx.send(Ok(first.clone())).await;
         tokio::spawn(async move {
             let mut last = first;
             loop {
-                tokio::select! {
+                let broken = tokio::select! {
                     _ = tx.closed() => return,
-                    msg = watch.message() => {
-                        let broken = !matches!(msg, Ok(Some(_)));
-                        // Re-read the head after any change in the line;
-                        // updates may coalesce, but terms never go back.
-                        let current = match line.head().await {
-                            Ok((h, _)) => h.as_ref().map(leader).transpose(),
-                            Err(e) => Err(e),
-                        };
-                        match current {
-                            Ok(current) => {
-                                let newer = dprim::election::observed_change(&current, &last);
-                                if newer {
-                                    last = current.clone();
-                                    if tx.send(Ok(current)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Err(e)).await;
+                    msg = watch.message() => !matches!(msg, Ok(Some(_))),
+                };
+                // Re-read the head after any change in the line; updates
+                // may coalesce, but terms never go back. A failure for a
+                // moment (a reset connection) is retried, so observing
+                // outlives it; a broken watch starts again from the read.
+                let current = if broken {
+                    RetryPolicy::default()
+                        .run(|| head_and_watch(&line))
+                        .await
+                        .map(|(current, w)| {
+                            watch = w;
+                            current
+                        })
+                } else {
+                    RetryPolicy::default()
+                        .run(|| async {
+                            let (head, _) = line.head().await?;
+                            head.as_ref().map(leader).transpose()
+                        })
+                        .await
+                };
+                match current {
+                    Ok(current) => {
+                        if dprim::election::observed_change(&current, &last) {
+                            last = current.clone();
+                            if tx.send(Ok(current)).await.is_err() {
                                 return;
                             }
                         }
-                        if broken {
-                            match line.head().await {
-                                Ok((_, rev)) => match line.watch_all(rev + 1).await {
-                                    Ok(w) => watch = w,
-                                    Err(e) => { let _ = tx.send(Err(e)).await; return; }
-                                },
-                                Err(e) => { let _ = tx.send(Err(e)).await; return; }
-                            }
-                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
                     }
                 }
             }
         });
         Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
     }
+}
+
+/// The line's leader, and a watch of every change of the line after the
+/// read.
+async fn head_and_watch(line: &Line) -> Result<(Option<Leader>, etcd_client::WatchStream)> {
+    let (head, rev) = line.head().await?;
+    let current = head.as_ref().map(leader).transpose()?;
+    let watch = line.watch_all(rev + 1).await?;
+    Ok((current, watch))
 }
 
 struct EtcdLeadership {

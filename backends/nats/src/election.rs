@@ -7,11 +7,13 @@ use crate::store::{owned, Record, TERM_HEADER};
 use crate::Nats;
 use async_trait::async_trait;
 use dprim::election::LeadershipControl;
+use dprim::retry::RetryPolicy;
 use dprim::{
     Elections, Error, ErrorKind, Key, Leader, Leadership, Result, Session, SessionId, Term, Value,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -74,29 +76,51 @@ impl Elections for NatsElections {
 
     async fn observe(&self, name: &Key) -> Result<BoxStream<'static, Result<Option<Leader>>>> {
         let line = self.line(name);
-        let (head, rev) = line.head().await?;
-        let first = head.as_ref().map(leader).transpose()?;
-        let mut changes = Box::pin(line.follow_all(rev + 1).await?);
+        let statistics = self.nats.client.statistics();
+        let mut connects = statistics.connects.load(Ordering::SeqCst);
+        let (first, mut changes) = head_and_changes(&line).await?;
         let (tx, mut rx) = mpsc::channel(16);
         let _ = tx.send(Ok(first.clone())).await;
         tokio::spawn(async move {
             let mut last = first;
+            // A change lost with a reset connection would go unseen until
+            // the line changes again: after a reconnect, read it again.
+            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let item = tokio::select! {
+                let broken = tokio::select! {
                     _ = tx.closed() => return,
-                    item = changes.next() => item,
+                    item = changes.next() => !matches!(item, Some(Ok(_))),
+                    _ = check.tick() => {
+                        if statistics.connects.load(Ordering::SeqCst) == connects {
+                            continue;
+                        }
+                        true
+                    }
                 };
-                let broken = !matches!(item, Some(Ok(_)));
                 // Re-read the head after any change in the line; updates
-                // may coalesce, but terms never go back.
-                let current = match line.head().await {
-                    Ok((h, _)) => h.as_ref().map(leader).transpose(),
-                    Err(e) => Err(e),
+                // may coalesce, but terms never go back. A failure for a
+                // moment (a reconnect) is retried, so observing outlives it.
+                let current = if broken {
+                    connects = statistics.connects.load(Ordering::SeqCst);
+                    RetryPolicy::default()
+                        .run(|| head_and_changes(&line))
+                        .await
+                        .map(|(current, follow)| {
+                            changes = follow;
+                            current
+                        })
+                } else {
+                    RetryPolicy::default()
+                        .run(|| async {
+                            let (head, _) = line.head().await?;
+                            head.as_ref().map(leader).transpose()
+                        })
+                        .await
                 };
                 match current {
                     Ok(current) => {
-                        let newer = dprim::election::observed_change(&current, &last);
-                        if newer {
+                        if dprim::election::observed_change(&current, &last) {
                             last = current.clone();
                             if tx.send(Ok(current)).await.is_err() {
                                 return;
@@ -108,25 +132,23 @@ impl Elections for NatsElections {
                         return;
                     }
                 }
-                if broken {
-                    match line.head().await {
-                        Ok((_, rev)) => match line.follow_all(rev + 1).await {
-                            Ok(c) => changes = Box::pin(c),
-                            Err(e) => {
-                                let _ = tx.send(Err(e)).await;
-                                return;
-                            }
-                        },
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    }
-                }
             }
         });
         Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
     }
+}
+
+/// How often an observer checks whether its client reconnected.
+const RECONNECT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Changes = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Record>> + Send>>;
+
+/// The line's leader, and every change of the line after the read.
+async fn head_and_changes(line: &Line) -> Result<(Option<Leader>, Changes)> {
+    let (head, rev) = line.head().await?;
+    let current = head.as_ref().map(leader).transpose()?;
+    let changes: Changes = Box::pin(line.follow_all(rev + 1).await?);
+    Ok((current, changes))
 }
 
 struct NatsLeadership {

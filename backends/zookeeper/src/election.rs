@@ -6,6 +6,7 @@ use crate::line::{LeaveOnDrop, Line, Place};
 use crate::Zk;
 use async_trait::async_trait;
 use dprim::election::LeadershipControl;
+use dprim::retry::RetryPolicy;
 use dprim::{Elections, Error, Key, Leader, Leadership, Result, Session, SessionId, Term, Value};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -102,8 +103,10 @@ impl Elections for ZkElections {
                         | zookeeper_client::SessionState::AuthFailed
                 ) && event.event_type == zookeeper_client::EventType::Session;
                 // Re-read the head after any change in the line; updates
-                // may coalesce, but terms never go back.
-                match current(&line).await {
+                // may coalesce, but terms never go back. A failure for a
+                // moment (a reset connection) is retried: skipping the read
+                // would leave a change unreported until the next one.
+                match RetryPolicy::default().run(|| current(&line)).await {
                     Ok(now) => {
                         let newer = dprim::election::observed_change(&now, &last);
                         if newer {
@@ -113,7 +116,6 @@ impl Elections for ZkElections {
                             }
                         }
                     }
-                    Err(e) if e.is_temporary() => {}
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
