@@ -1,9 +1,11 @@
 //! Network faults between a client and its server, for tests: a TCP proxy
 //! on loopback that forwards every connection to the server and can cut
-//! them all at once, the way a lost network path or a crashed middlebox
-//! does. A request the proxy had already forwarded when it cut may have
-//! been applied, and its answer is lost: the ambiguous outcome a client
-//! (and a retry layer) must not turn into a wrong answer.
+//! them all at once, the way a crashed middlebox does, or isolate the
+//! client for a while, the way a partition does (nothing gets through and
+//! nothing says so; the client learns only from its timeouts). A request
+//! the proxy had already forwarded may have been applied with its answer
+//! lost: the ambiguous outcome a client (and a retry layer) must not turn
+//! into a wrong answer.
 //!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
@@ -25,6 +27,8 @@ pub struct TcpProxy {
     addr: SocketAddr,
     /// Bumped on every cut; each connection ends when it changes.
     cuts: watch::Sender<u64>,
+    /// Whether the client is cut off from the server (see `isolate`).
+    isolated: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -34,7 +38,9 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (cuts, _) = watch::channel(0u64);
+        let (isolated, _) = watch::channel(false);
         let on_cut = cuts.clone();
+        let on_isolate = isolated.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -43,10 +49,16 @@ impl TcpProxy {
                     continue;
                 };
                 let cut = on_cut.subscribe();
-                tokio::spawn(forward(client, server, cut));
+                let isolated = on_isolate.subscribe();
+                tokio::spawn(forward(client, server, cut, isolated));
             }
         });
-        Ok(TcpProxy { addr, cuts, accept })
+        Ok(TcpProxy {
+            addr,
+            cuts,
+            isolated,
+            accept,
+        })
     }
 
     /// Where clients connect.
@@ -59,6 +71,20 @@ impl TcpProxy {
     pub fn cut(&self) {
         self.cuts.send_modify(|n| *n += 1);
     }
+
+    /// Cuts the client off from the server until [`TcpProxy::heal`]: from
+    /// now on nothing passes in either direction, on open connections or
+    /// new ones, and nothing tells the client so (no reset, no close). At
+    /// the heal every connection made or open meanwhile is reset, as a
+    /// real one would by then have timed out, and new ones work again.
+    pub fn isolate(&self) {
+        self.isolated.send_replace(true);
+    }
+
+    /// Ends an isolation (see [`TcpProxy::isolate`]).
+    pub fn heal(&self) {
+        self.isolated.send_replace(false);
+    }
 }
 
 impl Drop for TcpProxy {
@@ -68,24 +94,42 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn forward(mut client: TcpStream, server: SocketAddr, mut cut: watch::Receiver<u64>) {
+async fn forward(
+    mut client: TcpStream,
+    server: SocketAddr,
+    mut cut: watch::Receiver<u64>,
+    mut isolated: watch::Receiver<bool>,
+) {
     cut.mark_unchanged();
+    let isolated_now = *isolated.borrow_and_update();
+    if isolated_now {
+        // Accepted (as by a kernel's backlog) but never answered.
+        let _ = isolated.wait_for(|i| !*i).await;
+        reset(&client);
+        return;
+    }
     let Ok(mut upstream) = TcpStream::connect(server).await else {
         reset(&client);
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            let _ = client.shutdown().await;
-            let _ = upstream.shutdown().await;
-        }
-        _ = cut.changed() => {
-            reset(&client);
-            reset(&upstream);
-        }
+    let partitioned = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => None,
+        _ = cut.changed() => Some(false),
+        _ = async { let _ = isolated.wait_for(|i| *i).await; } => Some(true),
+    };
+    let Some(partitioned) = partitioned else {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+        return;
+    };
+    if partitioned {
+        // Forward nothing more, and say nothing, until the heal.
+        let _ = isolated.wait_for(|i| !*i).await;
     }
+    reset(&client);
+    reset(&upstream);
 }
 
 /// Makes the coming drop of `stream` send a reset instead of a close.

@@ -25,10 +25,19 @@
 //!   each ended by `flush`, to a subscriber that is not: the subscriber gets
 //!   them in order, none twice, and every message of a batch whose publishes
 //!   and flush all returned `Ok` (a flush that returns promises delivery);
+//! - three sessions behind the proxy each hold an ephemeral key, read by a
+//!   client that is not: while a session says it is alive its key exists
+//!   (a session learns its loss before the server acts on it). Brief resets
+//!   cost no session; a partition longer than the TTL loses them all, after
+//!   which their keys go and the client serves new sessions;
+//! - a lock holder and leader behind the proxy is partitioned from its
+//!   server while a client that is not waits for both: it learns it lost
+//!   them before that client gets them;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
-//!   client that is not: every task runs exactly once and ends FINISHED
-//!   (an agent's report that cannot be written is kept and delivered
-//!   later, never lost or applied twice).
+//!   client that is not: every task runs exactly once and ends FINISHED,
+//!   or KILLED for the fifth that the client kills (an agent's report that
+//!   cannot be written is kept and delivered later, never lost or applied
+//!   twice).
 //!
 //! Runs on the real backends named in DPRIM_TEST_BACKENDS (`scripts/test.sh`
 //! sets `etcd,zookeeper,nats` and starts their servers).
@@ -666,7 +675,191 @@ async fn numbers(
     (received, errors)
 }
 
+async fn sessions_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "sessions").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "sessions"))
+        .await
+        .unwrap();
+    let holder = dprim_runtime::open_config(&config).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let session = holder
+            .sessions()
+            .open(Duration::from_secs(3))
+            .await
+            .unwrap();
+        let key = Key::new(format!("held/{i}")).unwrap();
+        let value = Value::new(b"mine".to_vec()).unwrap();
+        holder
+            .kv()
+            .put_ephemeral(&key, value, &session)
+            .await
+            .unwrap();
+        held.push((session, key));
+    }
+    let sessions: Vec<dprim::Session> = held.iter().map(|(s, _)| s.clone()).collect();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let checking = tokio::spawn(async move {
+        let (mut reads, mut failed_reads) = (0, 0);
+        while !*stopped.borrow_and_update() {
+            for (session, key) in &held {
+                let read = direct.kv().get(key).await;
+                // Checked after the read: a session alive now was alive
+                // when the key was read (a lost session stays lost).
+                if !session.is_alive() {
+                    continue;
+                }
+                match read {
+                    Ok(Some(_)) => reads += 1,
+                    Ok(None) => panic!(
+                        "{key}: the key of session {} is gone while the session says it is alive",
+                        session.id()
+                    ),
+                    Err(_) => failed_reads += 1,
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(30), stopped.changed()).await;
+        }
+        (direct, held, reads, failed_reads)
+    });
+    // Brief resets first: they must cost no session.
+    let brief = tokio::spawn(tokio::time::sleep(Duration::from_secs(8)));
+    let cuts = cut_until(&proxy, &brief).await;
+    let lost: Vec<String> = sessions
+        .iter()
+        .filter(|s| !s.is_alive())
+        .map(|s| format!("{}: {}", s.id(), s.check().unwrap_err()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{kind}: sessions lost through {cuts} brief cuts: {lost:?}"
+    );
+    // Then a partition longer than the TTL: every session must learn it is
+    // lost, and before the server drops its keys (checked all along).
+    proxy.isolate();
+    let isolated = Instant::now();
+    for s in &sessions {
+        let noticed = tokio::time::timeout(Duration::from_secs(10), s.lost()).await;
+        assert!(
+            noticed.is_ok(),
+            "{kind}: session {} still says it is alive {:?} into a partition (TTL 3 s)",
+            s.id(),
+            isolated.elapsed()
+        );
+    }
+    // Long enough for every server to have expired them.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.heal();
+    stop.send_replace(true);
+    let (direct, held, reads, failed_reads) = checking.await.unwrap();
+    // Their keys go, and the client serves new work.
+    for (_, key) in &held {
+        let mut gone = false;
+        for _ in 0..100 {
+            if direct.kv().get(key).await.unwrap().is_none() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "{kind}: {key} outlived its lost session by 10 s");
+    }
+    let fresh = holder
+        .sessions()
+        .open(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let key = Key::new("held/fresh").unwrap();
+    holder
+        .kv()
+        .put_ephemeral(&key, Value::new(b"mine".to_vec()).unwrap(), &fresh)
+        .await
+        .unwrap();
+    assert!(direct.kv().get(&key).await.unwrap().is_some());
+    fresh.close().await.unwrap();
+    println!("{kind}: 3 sessions alive through {cuts} brief cuts and lost in a partition before their keys went; keys read {reads} times ({failed_reads} reads failed)");
+}
+
+/// A holder of a lock and a leader behind the proxy are partitioned from
+/// their server while a client that is not waits for both: each learns it
+/// lost the lock or the leadership before the other client gets it.
+async fn partitioned_holder(kind: &str) {
+    let (proxy, config) = proxied(kind, "partition").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition"))
+        .await
+        .unwrap();
+    let holder = dprim_runtime::open_config(&config).await.unwrap();
+    let (lock, election) = (
+        Key::new("the-lock").unwrap(),
+        Key::new("the-election").unwrap(),
+    );
+    let ttl = Duration::from_secs(3);
+    let session = holder.sessions().open(ttl).await.unwrap();
+    let guard = holder.locks().lock(&lock, &session, ttl).await.unwrap();
+    let value = Value::new(b"partitioned".to_vec()).unwrap();
+    let leadership = holder
+        .elections()
+        .campaign(&election, value, &session)
+        .await
+        .unwrap();
+    let noticed = tokio::spawn(async move {
+        guard.lost().await;
+        let lock_lost = Instant::now();
+        leadership.lost().await;
+        (lock_lost, Instant::now())
+    });
+    let waiting = direct.sessions().open(ttl).await.unwrap();
+    let (direct_lock, direct_election) = (direct.clone(), direct.clone());
+    let (w1, w2) = (waiting.clone(), waiting.clone());
+    let taker = tokio::spawn(async move {
+        let guard = direct_lock
+            .locks()
+            .lock(&lock, &w1, Duration::from_secs(30))
+            .await
+            .unwrap();
+        (Instant::now(), guard)
+    });
+    let successor = tokio::spawn(async move {
+        let value = Value::new(b"successor".to_vec()).unwrap();
+        let leadership = direct_election
+            .elections()
+            .campaign(&election, value, &w2)
+            .await
+            .unwrap();
+        (Instant::now(), leadership)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!taker.is_finished() && !successor.is_finished());
+    proxy.isolate();
+    let (lock_lost, leadership_lost) = noticed.await.unwrap();
+    let (taken, guard) = taker.await.unwrap();
+    let (elected, leadership) = successor.await.unwrap();
+    proxy.heal();
+    assert!(
+        lock_lost < taken,
+        "{kind}: the partitioned holder learned it lost the lock {:?} after another client took it",
+        lock_lost - taken
+    );
+    assert!(
+        leadership_lost < elected,
+        "{kind}: the partitioned leader learned it lost {:?} after another candidate was elected",
+        leadership_lost - elected
+    );
+    println!(
+        "{kind}: the partitioned holder learned of its loss {:?} before the lock was taken and {:?} before the next leader was elected",
+        taken - lock_lost,
+        elected - leadership_lost
+    );
+    guard.unlock().await.unwrap();
+    leadership.resign().await.unwrap();
+}
+
 const TASKS: usize = 40;
+
+/// Whether task `n` of the cut-connection run is one that gets killed.
+fn killed(n: usize) -> bool {
+    n % 5 == 4
+}
 
 async fn tasks_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "tasks").await;
@@ -697,12 +890,25 @@ async fn tasks_through_cuts(kind: &str) {
     let launching = tokio::spawn(async move {
         let mut ids = Vec::new();
         for n in 0..TASKS {
-            // Each run of task n adds a line to its own file.
-            // Some run long enough to report RUNNING across a cut.
-            let script = format!("sleep 0.{}; echo ran >> {}/{n}", n % 8, runs_dir.display());
+            // Each run of task n adds a line to its own file. Some run long
+            // enough to report RUNNING across a cut; those to be killed
+            // would run for a minute.
+            let pause = if killed(n) {
+                "60".to_string()
+            } else {
+                format!("0.{}", n % 8)
+            };
+            let dir = runs_dir.display();
+            let script =
+                format!("echo started >> {dir}/{n}.started; sleep {pause}; echo ran >> {dir}/{n}");
             let spec = support::shell(&script, 0.5);
             ids.push(client.launch(spec).await.unwrap());
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (n, id) in ids.iter().enumerate() {
+            if killed(n) {
+                client.kill(id, Duration::from_secs(1)).await.unwrap();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(150);
         let mut last = Vec::new();
@@ -726,6 +932,22 @@ async fn tasks_through_cuts(kind: &str) {
     }
     let mut problems = Vec::new();
     for (n, status) in statuses.iter().enumerate() {
+        let started = std::fs::read_to_string(runs.join(format!("{n}.started")))
+            .unwrap_or_default()
+            .lines()
+            .count();
+        if started > 1 {
+            problems.push(format!("task {n} ({}) started {started} times", status.id));
+        }
+        if killed(n) {
+            if status.state != dprim::tasks::TaskState::Killed {
+                problems.push(format!(
+                    "task {n} ({}) was killed but ended {status:?}",
+                    status.id
+                ));
+            }
+            continue;
+        }
         if status.state != dprim::tasks::TaskState::Finished || status.exit_code != Some(0) {
             problems.push(format!("task {n} ({}) ended {status:?}", status.id));
         }
@@ -744,7 +966,9 @@ async fn tasks_through_cuts(kind: &str) {
         work.display(),
         problems.join("\n")
     );
-    println!("{kind}: {TASKS} tasks, each ran once and finished, through {cuts} cuts");
+    println!(
+        "{kind}: {TASKS} tasks, each started once and finished or was killed, through {cuts} cuts"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -809,5 +1033,19 @@ async fn flushed_publishes_arrive_in_order_when_connections_are_cut() {
 async fn elections_stay_exclusive_when_connections_are_cut() {
     for kind in backends() {
         election_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_outlive_brief_cuts_and_never_outlive_their_keys() {
+    for kind in backends() {
+        sessions_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_holder_learns_its_loss_before_anyone_takes_over() {
+    for kind in backends() {
+        partitioned_holder(&kind).await;
     }
 }
