@@ -33,6 +33,9 @@
 //! - a lock holder and leader behind the proxy is partitioned from its
 //!   server while a client that is not waits for both: it learns it lost
 //!   them before that client gets them;
+//! - a consumer behind the proxy holding a message with its session is
+//!   partitioned: the message goes to a consumer outside once the session
+//!   is lost, and the partitioned consumer's ack after the heal fails;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -854,6 +857,78 @@ async fn partitioned_holder(kind: &str) {
     leadership.resign().await.unwrap();
 }
 
+/// A consumer behind the proxy holds a message with its session when a
+/// partition cuts it off: the message goes to a consumer outside once the
+/// session is lost, and the partitioned consumer's ack, made after the
+/// heal, fails instead of removing the message the other one now holds.
+async fn partitioned_consumer(kind: &str) {
+    let (proxy, config) = proxied(kind, "partition-queue").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-queue"))
+        .await
+        .unwrap();
+    let name = Key::new("jobs").unwrap();
+    let outside = direct.queues().open(&name, None).await.unwrap();
+    outside
+        .push(Value::new(b"the job".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let consumer = dprim_runtime::open_config(&config).await.unwrap();
+    let inside = consumer.queues().open(&name, None).await.unwrap();
+    let session = consumer
+        .sessions()
+        .open(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let held = inside
+        .pull(PullOptions {
+            visibility_timeout: Duration::from_secs(120),
+            wait: Duration::from_secs(5),
+            session: Some(session.clone()),
+        })
+        .await
+        .unwrap()
+        .expect("the pushed message");
+    proxy.isolate();
+    tokio::time::timeout(Duration::from_secs(10), session.lost())
+        .await
+        .expect("the partitioned consumer's session is lost within 10 s");
+    let again = outside
+        .pull(PullOptions {
+            visibility_timeout: Duration::from_secs(120),
+            wait: Duration::from_secs(20),
+            session: None,
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!("{kind}: a message held by a lost session was not delivered again in 20 s")
+        });
+    assert_eq!(again.id, held.id);
+    assert_eq!(again.attempt, held.attempt + 1);
+    proxy.heal();
+    // Temporary failures (the connection coming back) are retried, as an
+    // app would.
+    let mut stale = inside.ack(&held.receipt).await;
+    let retrying = Instant::now();
+    while matches!(&stale, Err(e) if e.is_temporary())
+        && retrying.elapsed() < Duration::from_secs(15)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stale = inside.ack(&held.receipt).await;
+    }
+    assert!(
+        matches!(&stale, Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::SessionLost)),
+        "{kind}: the partitioned consumer's ack of a message delivered again since gave {stale:?}"
+    );
+    outside.ack(&again.receipt).await.unwrap();
+    let depth = outside.depth().await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (0, 0), "{kind}: {depth:?}");
+    println!(
+        "{kind}: a partitioned consumer's message went to another, and its stale ack failed: {}",
+        stale.unwrap_err()
+    );
+}
+
 const TASKS: usize = 40;
 
 /// Whether task `n` of the cut-connection run is one that gets killed.
@@ -1047,5 +1122,12 @@ async fn sessions_outlive_brief_cuts_and_never_outlive_their_keys() {
 async fn a_partitioned_holder_learns_its_loss_before_anyone_takes_over() {
     for kind in backends() {
         partitioned_holder(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_consumer_cannot_ack_a_message_delivered_again() {
+    for kind in backends() {
+        partitioned_consumer(&kind).await;
     }
 }

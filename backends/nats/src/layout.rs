@@ -147,6 +147,15 @@ impl Layout {
         format!("{}.=c.{seq}", self.queue_area(queue))
     }
 
+    /// Whether `subject` is a queue's claim.
+    pub(crate) fn is_queue_claim(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(&self.area("=q"))
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.rsplit_once(".=c."))
+            .is_some_and(|(_, seq)| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+    }
+
     pub(crate) fn queue_claims(&self, queue: &Key) -> String {
         format!("{}.=c.*", self.queue_area(queue))
     }

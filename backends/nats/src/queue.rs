@@ -20,12 +20,15 @@
 //!   it when it is pulled or measured, so dead messages reach it even when
 //!   nobody uses the original queue again.
 //! - A pull made with a session releases its delivery at once when that
-//!   session ends in this process (close, loss); a crashed consumer's
-//!   delivery comes back after its visibility timeout.
+//!   session ends: the pulling process does it when it learns of the end
+//!   (close, loss), and the claim is also an owned record of the session
+//!   (indexed like an ephemeral key), so when the session's heartbeat
+//!   vanishes every client's reaper releases it too, which brings back the
+//!   deliveries of a crashed or partitioned consumer.
 
 use crate::error::Boxed;
 use crate::layout::hash;
-use crate::store::owned;
+use crate::store::{owned, Record};
 use crate::Nats;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
@@ -122,6 +125,7 @@ fn now_ms() -> i64 {
 }
 
 /// The current delivery of one message.
+#[derive(Clone)]
 struct Claim {
     attempt: u64,
     visible_at: i64,
@@ -184,6 +188,21 @@ impl NatsQueue {
 
     fn claim_subject(&self, seq: u64) -> String {
         self.nats.layout.queue_claim(&self.name, seq)
+    }
+
+    /// Drops a claim that no longer holds a delivery from its session's
+    /// index, so a long session's index does not grow with every message it
+    /// pulled. A failure only leaves the entry until the session ends.
+    async fn unindex(&self, held: &Held) {
+        if let Some(owner) = held.owner {
+            let entry = self
+                .nats
+                .layout
+                .index_entry(owner, &self.claim_subject(held.seq));
+            if let Err(e) = self.nats.purge(&entry, None).await {
+                tracing::debug!(error = %e, "dropping a claim from its session's index failed; the session's end will");
+            }
+        }
     }
 
     fn parse_receipt(&self, receipt: &Receipt) -> Result<(u64, String)> {
@@ -387,8 +406,20 @@ impl NatsQueue {
             reply: reply.clone(),
         };
         let subject = self.claim_subject(seq);
+        let owner = options.session.as_ref().map(|s| s.id().0);
+        if let Some(owner) = owner {
+            // Indexed first, so the reapers find the claim once it exists.
+            self.nats
+                .write(
+                    &self.nats.layout.index_entry(owner, &subject),
+                    Bytes::from(subject.clone()),
+                    async_nats::HeaderMap::new(),
+                    None,
+                )
+                .await?;
+        }
         self.nats
-            .write(&subject, claim.encode(), owned(None), None)
+            .write(&subject, claim.encode(), owned(owner), None)
             .await?;
         if vt != ACK_WAIT {
             self.nak(&reply, vt).await?;
@@ -411,13 +442,18 @@ impl NatsQueue {
 
     /// The claim of a receipt that is still held; `None` if the message's
     /// claim or the message itself is gone (acked or dead-lettered).
-    async fn current(&self, receipt: &Receipt) -> Result<Option<(u64, u64, Claim)>> {
+    async fn current(&self, receipt: &Receipt) -> Result<Option<Held>> {
         let (seq, nonce) = self.parse_receipt(receipt)?;
         let Some(r) = self.nats.last(&self.claim_subject(seq)).await? else {
             return Ok(None);
         };
         match Claim::decode(&r.payload) {
-            Some(c) if c.held_by(&nonce) => Ok(Some((seq, r.seq, c))),
+            Some(claim) if claim.held_by(&nonce) => Ok(Some(Held {
+                seq,
+                rev: r.seq,
+                owner: r.session(),
+                claim,
+            })),
             // No longer held by this receipt. A message that is gone was
             // acked, perhaps by an ack of this very receipt that was cut
             // off after the server took it and before its claim was
@@ -430,38 +466,63 @@ impl NatsQueue {
     }
 }
 
+/// A delivery still held by its receipt, as its claim record says.
+struct Held {
+    /// The message's stream sequence.
+    seq: u64,
+    /// The claim record's sequence (for conditional rewrites).
+    rev: u64,
+    /// The session the delivery was pulled with, if any.
+    owner: Option<u64>,
+    claim: Claim,
+}
+
 /// Gives a delivery back at once when the pulling session ends while it
 /// is still held.
 async fn release_on_loss(nats: Nats, session: Session, subject: String, nonce: String) {
     loop {
-        let held_until = match nats.last(&subject).await {
-            Ok(Some(r)) => match Claim::decode(&r.payload) {
-                Some(c) if c.held_by(&nonce) => (c, r.seq),
-                _ => return,
-            },
+        let record = match nats.last(&subject).await {
+            Ok(Some(r)) => r,
             _ => return,
         };
-        let (claim, rev) = held_until;
+        let Some(claim) = Claim::decode(&record.payload).filter(|c| c.held_by(&nonce)) else {
+            return;
+        };
         let wait = Duration::from_millis((claim.visible_at - now_ms()).max(0) as u64);
         tokio::select! {
             _ = session.lost() => {}
             _ = tokio::time::sleep(wait) => continue,
         }
-        let released = Claim {
-            visible_at: now_ms(),
-            nonce: NOBODY.to_string(),
-            ..claim
-        };
-        if nats
-            .write(&subject, released.encode(), owned(None), Some(rev))
-            .await
-            .is_ok()
-        {
-            let payload: Bytes = AckKind::Nak(None).into();
-            let _ = nats.client.publish(released.reply, payload).await;
+        if let Err(e) = release_claim(&nats, &subject, &record).await {
+            tracing::debug!(error = %e, "releasing a delivery of a lost session failed; a reaper or its visibility timeout will");
         }
         return;
     }
+}
+
+/// Gives back the delivery claim record `record` (of `subject`) holds, if
+/// it holds one and nothing rewrote it since: the claim then says nobody
+/// holds it, and the server is told to deliver the message again now.
+/// The pulling process calls this when its session ends, and every client's
+/// reaper when the session's heartbeat vanishes (a crashed or partitioned
+/// consumer); the first one wins, the others find the claim rewritten.
+pub(crate) async fn release_claim(nats: &Nats, subject: &str, record: &Record) -> Result<()> {
+    let Some(claim) = Claim::decode(&record.payload) else {
+        return Ok(());
+    };
+    if claim.nonce == NOBODY {
+        return Ok(());
+    }
+    let released = Claim {
+        visible_at: now_ms(),
+        nonce: NOBODY.to_string(),
+        ..claim
+    };
+    nats.write(subject, released.encode(), owned(None), Some(record.seq))
+        .await?;
+    let payload: Bytes = AckKind::Nak(None).into();
+    nats.call("nak", nats.client.publish(released.reply, payload))
+        .await
 }
 
 #[async_trait]
@@ -512,26 +573,34 @@ impl Queue for NatsQueue {
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<()> {
-        let Some((seq, rev, claim)) = self.current(receipt).await? else {
+        let Some(held) = self.current(receipt).await? else {
             return Ok(());
         };
-        self.server_ack(&claim.reply, AckKind::Ack).await?;
-        match self.nats.purge(&self.claim_subject(seq), Some(rev)).await {
-            Ok(_) => Ok(()),
+        self.server_ack(&held.claim.reply, AckKind::Ack).await?;
+        match self
+            .nats
+            .purge(&self.claim_subject(held.seq), Some(held.rev))
+            .await
+        {
+            Ok(_) => {
+                self.unindex(&held).await;
+                Ok(())
+            }
             Err(e) if e.kind() == ErrorKind::Conflict => Ok(()),
             Err(e) => Err(e),
         }
     }
 
     async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<()> {
-        let Some((seq, rev, claim)) = self.current(receipt).await? else {
+        let Some(held) = self.current(receipt).await? else {
             return Err(Error::conflict(format!(
                 "delivery {receipt} of queue `{}` is no longer held (acked or dead-lettered)",
                 self.name
             )));
         };
         let options = read_options(&self.nats, &self.name).await?;
-        if claim.attempt >= u64::from(options.max_attempts) {
+        let seq = held.seq;
+        if held.claim.attempt >= u64::from(options.max_attempts) {
             return match self.payload_of(seq).await? {
                 Some(payload) => self.dead_letter(&options, seq, payload).await,
                 None => Ok(()),
@@ -540,7 +609,7 @@ impl Queue for NatsQueue {
         let released = Claim {
             visible_at: now_ms() + delay.as_millis() as i64,
             nonce: NOBODY.to_string(),
-            ..claim
+            ..held.claim.clone()
         };
         match self
             .nats
@@ -548,18 +617,27 @@ impl Queue for NatsQueue {
                 &self.claim_subject(seq),
                 released.encode(),
                 owned(None),
-                Some(rev),
+                Some(held.rev),
             )
             .await
         {
-            Ok(_) => self.nak(&released.reply, delay).await,
+            Ok(_) => {
+                self.unindex(&held).await;
+                self.nak(&released.reply, delay).await
+            }
             Err(e) if e.kind() == ErrorKind::Conflict => Err(self.stale(receipt)),
             Err(e) => Err(e),
         }
     }
 
     async fn extend(&self, receipt: &Receipt, visibility_timeout: Duration) -> Result<()> {
-        let Some((seq, rev, claim)) = self.current(receipt).await? else {
+        let Some(Held {
+            seq,
+            rev,
+            owner,
+            claim,
+        }) = self.current(receipt).await?
+        else {
             return Err(Error::conflict(format!(
                 "delivery {receipt} of queue `{}` is no longer held (acked or dead-lettered)",
                 self.name
@@ -569,12 +647,13 @@ impl Queue for NatsQueue {
             visible_at: now_ms() + visibility_timeout.as_millis() as i64,
             ..claim
         };
+        // Still held by the same delivery, so still its session's.
         match self
             .nats
             .write(
                 &self.claim_subject(seq),
                 extended.encode(),
-                owned(None),
+                owned(owner),
                 Some(rev),
             )
             .await

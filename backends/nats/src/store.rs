@@ -413,7 +413,12 @@ impl Nats {
             };
             if let Some(r) = self.last(subject).await? {
                 if r.session() == Some(session) {
-                    let removed = if self.layout.app_key(subject).is_some() {
+                    let removed = if self.layout.is_queue_claim(subject) {
+                        // A delivery held by the session goes back at once.
+                        crate::queue::release_claim(self, subject, &r)
+                            .await
+                            .map(|()| 0)
+                    } else if self.layout.app_key(subject).is_some() {
                         self.delete_marker(subject, Some(r.seq)).await
                     } else {
                         self.purge(subject, Some(r.seq)).await
