@@ -39,6 +39,30 @@ pub fn observed_change(current: &Option<Leader>, last: &Option<Leader>) -> bool 
     }
 }
 
+/// Hands an observer (for backends) the leader just read: sends it if
+/// [`observed_change`] says so, or sends the error. Returns whether the
+/// observation goes on: `false` once the read failed for good or nobody
+/// observes any more.
+pub async fn report_observed(
+    tx: &tokio::sync::mpsc::Sender<Result<Option<Leader>>>,
+    last: &mut Option<Leader>,
+    current: Result<Option<Leader>>,
+) -> bool {
+    match current {
+        Ok(current) => {
+            if !observed_change(&current, last) {
+                return true;
+            }
+            *last = current.clone();
+            tx.send(Ok(current)).await.is_ok()
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            false
+        }
+    }
+}
+
 /// The backend side of a leadership.
 #[async_trait]
 pub trait LeadershipControl: Send + Sync {

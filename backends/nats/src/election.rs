@@ -118,19 +118,8 @@ impl Elections for NatsElections {
                         })
                         .await
                 };
-                match current {
-                    Ok(current) => {
-                        if dprim::election::observed_change(&current, &last) {
-                            last = current.clone();
-                            if tx.send(Ok(current)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
+                if !dprim::election::report_observed(&tx, &mut last, current).await {
+                    return;
                 }
             }
         });

@@ -106,20 +106,9 @@ impl Elections for ZkElections {
                 // may coalesce, but terms never go back. A failure for a
                 // moment (a reset connection) is retried: skipping the read
                 // would leave a change unreported until the next one.
-                match RetryPolicy::default().run(|| current(&line)).await {
-                    Ok(now) => {
-                        let newer = dprim::election::observed_change(&now, &last);
-                        if newer {
-                            last = now.clone();
-                            if tx.send(Ok(now)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
+                let now = RetryPolicy::default().run(|| current(&line)).await;
+                if !dprim::election::report_observed(&tx, &mut last, now).await {
+                    return;
                 }
                 if terminal {
                     // The watch died with its session: watch again on a new one.
