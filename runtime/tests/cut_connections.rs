@@ -36,6 +36,8 @@
 //! - a consumer behind the proxy holding a message with its session is
 //!   partitioned: the message goes to a consumer outside once the session
 //!   is lost, and the partitioned consumer's ack after the heal fails;
+//! - a client partitioned for 20 s, longer than any of its timeouts, serves
+//!   every primitive again soon after the heal, without a restart;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -929,6 +931,107 @@ async fn partitioned_consumer(kind: &str) {
     );
 }
 
+/// A client partitioned from its server for longer than every timeout it
+/// has serves again soon after the partition heals: Kv, sessions, locks,
+/// queues, pub/sub and watches, with no restart of the client.
+async fn long_partition(kind: &str) {
+    let (proxy, config) = proxied(kind, "long-partition").await;
+    let client = dprim_runtime::open_config(&config).await.unwrap();
+    let key = Key::new("k").unwrap();
+    client
+        .kv()
+        .put(&key, Value::new(b"before".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let mut watch = client
+        .kv()
+        .watch(WatchTarget::Key(key.clone()), WatchStart::Now)
+        .await
+        .unwrap();
+    proxy.isolate();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    proxy.heal();
+    let healed = Instant::now();
+    // Whatever failed meanwhile, each operation works again within 30 s.
+    async fn soon<T, F, Fut>(kind: &str, what: &str, mut op: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = dprim::Result<T>>,
+    {
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), op()).await {
+                Ok(Ok(v)) => return v,
+                Ok(Err(e)) if started.elapsed() > Duration::from_secs(30) => {
+                    panic!("{kind}: {what} still fails 30 s after the partition healed: {e}")
+                }
+                Err(_) if started.elapsed() > Duration::from_secs(30) => {
+                    panic!("{kind}: {what} still hangs 30 s after the partition healed")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let after = Value::new(b"after".to_vec()).unwrap();
+    soon(kind, "put", || client.kv().put(&key, after.clone())).await;
+    let read = soon(kind, "get", || client.kv().get(&key)).await;
+    assert_eq!(read.map(|e| e.value), Some(after.clone()));
+    // The watch says where it stands: the change, or `Resync`, or its end.
+    let seen = tokio::time::timeout(Duration::from_secs(30), watch.next()).await;
+    assert!(
+        matches!(
+            &seen,
+            Ok(Some(Ok(WatchEvent::Put { .. } | WatchEvent::Resync { .. })) | Some(Err(_)) | None)
+        ),
+        "{kind}: the watch after the partition gave {seen:?}"
+    );
+    let session = soon(kind, "open a session", || {
+        client.sessions().open(Duration::from_secs(3))
+    })
+    .await;
+    let lock = Key::new("lock").unwrap();
+    let guard = soon(kind, "lock", || {
+        client.locks().lock(&lock, &session, Duration::from_secs(5))
+    })
+    .await;
+    guard.unlock().await.unwrap();
+    let queue_name = Key::new("q").unwrap();
+    let queue = soon(kind, "open a queue", || {
+        client.queues().open(&queue_name, None)
+    })
+    .await;
+    soon(kind, "push", || queue.push(after.clone())).await;
+    let delivery = soon(kind, "pull", || {
+        queue.pull(PullOptions {
+            wait: Duration::from_secs(2),
+            ..PullOptions::default()
+        })
+    })
+    .await
+    .expect("the pushed message");
+    queue.ack(&delivery.receipt).await.unwrap();
+    let topic = Key::new("t").unwrap();
+    let mut subscription = soon(kind, "subscribe", || client.pubsub().subscribe(&topic)).await;
+    soon(kind, "publish", || {
+        client.pubsub().publish(&topic, after.clone())
+    })
+    .await;
+    soon(kind, "flush", || client.pubsub().flush()).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
+    assert!(
+        matches!(
+            &got,
+            Ok(Some(Ok(dprim::pubsub::SubscriptionItem::Message(_))))
+        ),
+        "{kind}: {got:?}"
+    );
+    session.close().await.unwrap();
+    println!(
+        "{kind}: serving every primitive {:?} after a 20 s partition healed; the watch gave {seen:?}",
+        healed.elapsed()
+    );
+}
+
 const TASKS: usize = 40;
 
 /// Whether task `n` of the cut-connection run is one that gets killed.
@@ -1129,5 +1232,12 @@ async fn a_partitioned_holder_learns_its_loss_before_anyone_takes_over() {
 async fn a_partitioned_consumer_cannot_ack_a_message_delivered_again() {
     for kind in backends() {
         partitioned_consumer(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_serves_again_after_a_long_partition() {
+    for kind in backends() {
+        long_partition(&kind).await;
     }
 }
