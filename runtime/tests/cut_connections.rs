@@ -38,6 +38,9 @@
 //!   is lost, and the partitioned consumer's ack after the heal fails;
 //! - a client partitioned for 20 s, longer than any of its timeouts, serves
 //!   every primitive again soon after the heal, without a restart;
+//! - an agent behind the proxy is partitioned for longer than its TTL while
+//!   it runs a task: the task is relaunched on another agent, and after the
+//!   heal the cut-off agent kills its replaced run;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -1032,6 +1035,99 @@ async fn long_partition(kind: &str) {
     );
 }
 
+/// An agent behind the proxy runs a task when a partition cuts it off for
+/// longer than its session's TTL: the supervisor (outside) declares the
+/// task GONE and relaunches it on another agent, and once the partition
+/// heals the cut-off agent kills its own, replaced, run. One run is left.
+async fn partitioned_agent(kind: &str) {
+    let (proxy, config) = proxied(kind, "partition-agent").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-agent"))
+        .await
+        .unwrap();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let work = support::temp_dir("cut", &format!("agent-{kind}"));
+    let supervisor = support::supervisor(&direct, Duration::from_secs(2));
+    let mut running = vec![tokio::spawn(supervisor.run(support::stopped(&stop)))];
+    let agent = |id: &str, backend: dprim::Backend| {
+        let mut config =
+            support::agent_config(work.join(id), Duration::from_secs(3), Default::default());
+        config.id = id.into();
+        tokio::spawn(
+            dprim_runtime::tasks::agent::Agent::new(backend, config).run(support::stopped(&stop)),
+        )
+    };
+    running.push(agent(
+        "cut-off",
+        dprim_runtime::open_config(&config).await.unwrap(),
+    ));
+    let client = dprim_runtime::tasks::client::TasksClient::new(direct.clone());
+    let runs = work.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    // Each run leaves a file named by its shell's pid.
+    let mut spec = support::shell(&format!("touch {}/$$; exec sleep 300", runs.display()), 0.5);
+    spec.restart = dprim::tasks::RestartPolicy::OnFailure;
+    let id = client.launch(spec).await.unwrap();
+    let first = support::wait_for(&client, &id, dprim::tasks::TaskState::Running).await;
+    assert_eq!(first.agent.as_deref(), Some("cut-off"));
+    running.push(agent("outside", direct.clone()));
+    proxy.isolate();
+    // Replaced: running on the other agent.
+    let started = Instant::now();
+    loop {
+        let s = client.status(&id).await.unwrap();
+        if s.state == dprim::tasks::TaskState::Running && s.agent.as_deref() == Some("outside") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{kind}: the task of a partitioned agent was not relaunched elsewhere in 30 s: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let relaunched = started.elapsed();
+    proxy.heal();
+    // The cut-off agent's run ends; the relaunched one goes on.
+    let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let pids = || -> Vec<String> {
+        std::fs::read_dir(&runs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let healed = Instant::now();
+    loop {
+        let all = pids();
+        let live: Vec<&String> = all.iter().filter(|p| alive(p)).collect();
+        if all.len() >= 2 && live.len() == 1 {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(30),
+            "{kind}: 30 s after the heal {} of the task's runs {all:?} are alive",
+            live.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pids().len(), 2, "{kind}: runs {:?}", pids());
+    let s = client.status(&id).await.unwrap();
+    assert_eq!(
+        (s.state, s.agent.as_deref()),
+        (dprim::tasks::TaskState::Running, Some("outside")),
+        "{kind}: {s:?}"
+    );
+    client.kill(&id, Duration::from_secs(1)).await.unwrap();
+    support::wait_for(&client, &id, dprim::tasks::TaskState::Killed).await;
+    stop.send_replace(true);
+    for handle in running {
+        handle.await.unwrap().unwrap();
+    }
+    println!(
+        "{kind}: a partitioned agent's task was relaunched elsewhere after {relaunched:?}; the cut-off run ended {:?} after the heal",
+        healed.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 const TASKS: usize = 40;
 
 /// Whether task `n` of the cut-connection run is one that gets killed.
@@ -1239,5 +1335,12 @@ async fn a_partitioned_consumer_cannot_ack_a_message_delivered_again() {
 async fn a_client_serves_again_after_a_long_partition() {
     for kind in backends() {
         long_partition(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_agent_kills_its_replaced_run_after_the_heal() {
+    for kind in backends() {
+        partitioned_agent(&kind).await;
     }
 }

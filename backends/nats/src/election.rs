@@ -85,7 +85,7 @@ impl Elections for NatsElections {
             let mut last = first;
             // A change lost with a reset connection would go unseen until
             // the line changes again: after a reconnect, read it again.
-            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            let mut check = tokio::time::interval(crate::RECONNECT_CHECK);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let broken = tokio::select! {
@@ -126,9 +126,6 @@ impl Elections for NatsElections {
         Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
     }
 }
-
-/// How often an observer checks whether its client reconnected.
-const RECONNECT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Changes = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Record>> + Send>>;
 

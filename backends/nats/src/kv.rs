@@ -235,15 +235,31 @@ impl Kv for NatsKv {
         let (tx, rx) = mpsc::channel(256);
         let nats = self.nats.clone();
         tokio::spawn(async move {
+            // A change lost with the connection leaves nothing to deliver:
+            // a reconnect must end the watch even if no change follows it.
+            let mut check = tokio::time::interval(crate::RECONNECT_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let item = tokio::select! {
                     _ = tx.closed() => return,
-                    item = changes.next() => item,
+                    item = changes.next() => Some(item),
+                    _ = check.tick() => None,
                 };
                 let reconnected = stats.connects.load(Ordering::SeqCst) != connects;
+                let Some(item) = item else {
+                    if reconnected {
+                        let _ = tx
+                            .send(Ok(WatchEvent::Resync {
+                                reason: RECONNECTED.into(),
+                            }))
+                            .await;
+                        return;
+                    }
+                    continue;
+                };
                 let event = match item {
                     Some(Ok(_)) if reconnected => Ok(WatchEvent::Resync {
-                        reason: "the connection to NATS was re-established and changes may have been lost with it; re-list and watch again".into(),
+                        reason: RECONNECTED.into(),
                     }),
                     Some(Ok((r, pending))) => match trimmed_before(&nats, &r, pending).await {
                         Ok(false) => match event(&nats, &r) {
@@ -281,6 +297,9 @@ impl Kv for NatsKv {
         Ok(WatchStream::new(receiver(rx).boxed()))
     }
 }
+
+/// Why a watch ends when its client reconnected.
+const RECONNECTED: &str = "the connection to NATS was re-established and changes may have been lost with it; re-list and watch again";
 
 /// Whether changes of `r`'s key that the watch owes may have been trimmed
 /// just before `r` was delivered (so `r` must not be delivered after the

@@ -47,6 +47,9 @@ use std::time::Duration;
 
 /// Shortest session TTL: per-message TTLs are whole seconds.
 pub const MIN_SESSION_TTL: Duration = Duration::from_secs(1);
+/// How often a watch or an observer checks whether its client reconnected:
+/// a change lost with the old connection leaves nothing else to notice.
+pub(crate) const RECONNECT_CHECK: Duration = Duration::from_secs(1);
 /// Messages a subscriber may fall behind before it gets `Lagged`. Core NATS
 /// delivers at well over a million small messages a second, so a buffer of a
 /// few milliseconds would make any scheduling hiccup of the reader a lag;
