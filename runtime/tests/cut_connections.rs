@@ -41,6 +41,8 @@
 //! - an agent behind the proxy is partitioned for longer than its TTL while
 //!   it runs a task: the task is relaunched on another agent, and after the
 //!   heal the cut-off agent kills its replaced run;
+//! - the leading supervisor is partitioned for longer than its TTL while
+//!   tasks are launched: a standby takes over and every task runs once;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -1128,6 +1130,108 @@ async fn partitioned_agent(kind: &str) {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// The leading supervisor is behind the proxy, a standby and the agents are
+/// not; tasks are launched all along while the leader is partitioned for
+/// longer than its TTL and then healed: the standby takes over, the old
+/// leader stands down (and stands by after the heal), and every task runs
+/// exactly once and finishes.
+async fn partitioned_supervisor(kind: &str) {
+    let (proxy, config) = proxied(kind, "partition-supervisor").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-supervisor"))
+        .await
+        .unwrap();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let work = support::temp_dir("cut", &format!("supervisor-{kind}"));
+    let runs = work.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let cut_off = dprim_runtime::open_config(&config).await.unwrap();
+    let mut running = vec![tokio::spawn(
+        support::supervisor(&cut_off, Duration::from_secs(60)).run(support::stopped(&stop)),
+    )];
+    let client = dprim_runtime::tasks::client::TasksClient::new(direct.clone());
+    // s1 leads before anyone else runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let standby = support::named_supervisor(&direct, "s2", Duration::from_secs(60));
+    running.push(tokio::spawn(standby.run(support::stopped(&stop))));
+    for i in 0..2 {
+        let mut agent = support::agent_config(
+            work.join(format!("agent-{i}")),
+            Duration::from_secs(5),
+            Default::default(),
+        );
+        agent.id = format!("a{i}");
+        running.push(tokio::spawn(
+            dprim_runtime::tasks::agent::Agent::new(direct.clone(), agent)
+                .run(support::stopped(&stop)),
+        ));
+    }
+    let runs_dir = runs.clone();
+    let launching = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0..TASKS {
+            let dir = runs_dir.display();
+            let spec = support::shell(&format!("echo ran >> {dir}/{n}"), 0.25);
+            ids.push(client.launch(spec).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last = Vec::new();
+        while Instant::now() < deadline {
+            last.clear();
+            for id in &ids {
+                last.push(client.status(id).await.unwrap());
+            }
+            if last.iter().all(|s| s.state.is_terminal()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        last
+    });
+    // The supervisors' election (see the tasks store).
+    let election = Key::new("_dprim/tasks/supervisor").unwrap();
+    let leader = || async {
+        let l = direct.elections().leader(&election).await.unwrap();
+        l.map(|l| String::from_utf8_lossy(l.value.as_bytes()).into_owned())
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(leader().await.as_deref(), Some("s1"), "{kind}");
+    proxy.isolate();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        leader().await.as_deref(),
+        Some("s2"),
+        "{kind}: the standby took over"
+    );
+    proxy.heal();
+    let statuses = launching.await.unwrap();
+    stop.send_replace(true);
+    for handle in running {
+        handle.await.unwrap().unwrap();
+    }
+    let mut problems = Vec::new();
+    for (n, status) in statuses.iter().enumerate() {
+        if status.state != dprim::tasks::TaskState::Finished {
+            problems.push(format!("task {n} ({}) ended {status:?}", status.id));
+        }
+        let ran = std::fs::read_to_string(runs.join(n.to_string())).unwrap_or_default();
+        if ran.lines().count() != 1 {
+            problems.push(format!(
+                "task {n} ({}) ran {} times",
+                status.id,
+                ran.lines().count()
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{kind}: with the leading supervisor partitioned:\n{}",
+        problems.join("\n")
+    );
+    println!("{kind}: {TASKS} tasks each ran once while the leading supervisor was partitioned");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 const TASKS: usize = 40;
 
 /// Whether task `n` of the cut-connection run is one that gets killed.
@@ -1342,5 +1446,12 @@ async fn a_client_serves_again_after_a_long_partition() {
 async fn a_partitioned_agent_kills_its_replaced_run_after_the_heal() {
     for kind in backends() {
         partitioned_agent(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_run_once_when_the_leading_supervisor_is_partitioned() {
+    for kind in backends() {
+        partitioned_supervisor(&kind).await;
     }
 }

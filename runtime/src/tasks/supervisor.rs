@@ -41,6 +41,13 @@ const FORGET_PER_PASS: usize = 256;
 /// How long a task done for good keeps its records by default.
 pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(3600);
 
+/// First pause before a supervisor that lost its leadership tries to open a
+/// session or campaign again after a failure; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between such tries.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Supervisor settings.
 #[derive(Clone)]
 pub struct SupervisorConfig {
@@ -517,12 +524,30 @@ impl Supervisor {
     /// again.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
+        // An unreachable backend at start is an error to report; once the
+        // supervisor has run, it outlasts an outage (a partition that cost
+        // it its leadership, say) by trying again until it is stopped.
+        let mut started = false;
+        let mut backoff = RETRY_FIRST;
         loop {
-            let session = self
-                .backend
-                .sessions()
-                .open(self.config.session_ttl)
-                .await?;
+            let opened = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                s = self.backend.sessions().open(self.config.session_ttl) => s,
+            };
+            let session = match opened {
+                Ok(s) => s,
+                Err(e) if started && e.is_temporary() => {
+                    tracing::warn!(error = %e, name = %self.config.name, "cannot open a session to campaign again; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            started = true;
             let value = Value::new(self.config.name.clone().into_bytes())?;
             let election = store::election()?;
             let leadership = tokio::select! {
@@ -532,8 +557,19 @@ impl Supervisor {
             let leadership = match leadership {
                 Ok(l) => l,
                 Err(e) if e.kind() == ErrorKind::SessionLost => continue,
+                Err(e) if e.is_temporary() => {
+                    tracing::warn!(error = %e, name = %self.config.name, "campaign failed; retrying");
+                    let _ = session.close().await;
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
+            backoff = RETRY_FIRST;
             let term = leadership.term().0;
             tracing::info!(term, name = %self.config.name, "supervisor elected");
             let mut world: Option<World> = None;

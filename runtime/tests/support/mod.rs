@@ -67,10 +67,16 @@ pub fn stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = 
 /// Supervisor `s1` on `backend`, declaring an unreachable agent's tasks
 /// GONE after `gone_timeout`.
 pub fn supervisor(backend: &Backend, gone_timeout: Duration) -> Supervisor {
+    named_supervisor(backend, "s1", gone_timeout)
+}
+
+/// Supervisor `name` on `backend`, declaring an unreachable agent's tasks
+/// GONE after `gone_timeout`.
+pub fn named_supervisor(backend: &Backend, name: &str, gone_timeout: Duration) -> Supervisor {
     Supervisor::new(
         backend.clone(),
         SupervisorConfig {
-            name: "s1".into(),
+            name: name.into(),
             session_ttl: Duration::from_secs(2),
             gone_timeout,
             interval: Duration::from_millis(30),
