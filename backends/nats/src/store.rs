@@ -404,7 +404,8 @@ impl Nats {
     }
 
     /// Removes every record a session owns (its ephemeral keys and line
-    /// entries), each only if the session still owns it.
+    /// entries, and gives back the queue deliveries it holds), each only if
+    /// the session still owns it.
     pub(crate) async fn cleanup_session(&self, session: u64) -> Result<()> {
         let (index, _) = self.scan_live(&self.layout.index_of(session)).await?;
         for entry in index {
@@ -415,13 +416,11 @@ impl Nats {
                 if r.session() == Some(session) {
                     let removed = if self.layout.is_queue_claim(subject) {
                         // A delivery held by the session goes back at once.
-                        crate::queue::release_claim(self, subject, &r)
-                            .await
-                            .map(|()| 0)
+                        crate::queue::release_claim(self, subject, &r).await
                     } else if self.layout.app_key(subject).is_some() {
-                        self.delete_marker(subject, Some(r.seq)).await
+                        self.delete_marker(subject, Some(r.seq)).await.map(drop)
                     } else {
-                        self.purge(subject, Some(r.seq)).await
+                        self.purge(subject, Some(r.seq)).await.map(drop)
                     };
                     match removed {
                         Ok(_) => {}
