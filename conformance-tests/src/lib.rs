@@ -31,6 +31,7 @@
 
 mod cases;
 mod cluster;
+pub mod failover;
 pub mod faults;
 pub mod linearizability;
 mod report;

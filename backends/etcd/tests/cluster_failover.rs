@@ -10,12 +10,10 @@
 
 mod support;
 
-use dprim::{
-    Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
-};
+use dprim::{Config, Depth, Key, WatchEvent, WatchStart, WatchTarget};
+use dprim_conformance::failover::write_numbers;
 use dprim_conformance::linearizability::{race, registers};
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::Servers;
 
 const ENDPOINTS: [&str; 3] = ["127.0.0.1:12379", "127.0.0.1:22379", "127.0.0.1:32379"];
@@ -58,35 +56,10 @@ async fn leader_killed_and_restarted_loses_nothing() {
         .await
         .unwrap();
 
-    let writer_backend = backend.clone();
-    let writer = tokio::spawn(async move {
-        let mut acked: Vec<(Key, u64, Version)> = Vec::new();
-        let mut unknown: Vec<(Key, u64)> = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-        let mut i = 0u64;
-        while tokio::time::Instant::now() < deadline {
-            let key = Key::new(format!("w/k{}", i % 10)).unwrap();
-            let v = match writer_backend
-                .kv()
-                .put(&key, Value::new(i.to_string().into_bytes()).unwrap())
-                .await
-            {
-                Ok(v) => v,
-                // Its request may have been applied: no retry can hide
-                // that without risking a second application.
-                Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {
-                    unknown.push((key, i));
-                    i += 1;
-                    continue;
-                }
-                Err(e) => panic!("write {i} failed through the retry layer: {e}"),
-            };
-            acked.push((key, i, v));
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, unknown)
-    });
+    let until = Instant::now() + Duration::from_secs(8);
+    let writer = tokio::spawn(write_numbers(backend.clone(), dir.clone(), move |_| {
+        Instant::now() < until
+    }));
 
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -107,46 +80,30 @@ async fn leader_killed_and_restarted_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     servers.script(&["restart-member", &leader]);
 
-    let (acked, unknown) = writer.await.unwrap();
+    let writes = writer.await.unwrap().unwrap();
     let history = racers.await.unwrap().unwrap();
     let checked = history
         .check(true)
         .unwrap_or_else(|e| panic!("the racing clients' history: {e}"));
     println!("racing clients: {checked:?}");
     assert_eq!(checked.keys, 2, "{checked:?}");
-    assert!(acked.len() > 100, "only {} writes in 8 s", acked.len());
+    assert!(
+        writes.acked.len() > 100,
+        "only {} writes in 8 s",
+        writes.acked.len()
+    );
 
-    // Every acknowledged write is there: each key holds its last
-    // acknowledged value, or the value of a later write whose outcome is
-    // unknown (which may have been applied).
+    // Every acknowledged write is there.
     println!(
         "writer: {} writes acknowledged, {} with outcome unknown",
-        acked.len(),
-        unknown.len()
+        writes.acked.len(),
+        writes.unknown.len()
     );
-    let mut last: BTreeMap<Key, (u64, Version)> = BTreeMap::new();
-    for (k, i, v) in &acked {
-        last.insert(k.clone(), (*i, *v));
-    }
-    for (k, (i, v)) in &last {
-        let e = backend
-            .kv()
-            .get(k)
-            .await
-            .unwrap()
-            .expect("acked key missing");
-        let later_unknown = unknown
-            .iter()
-            .any(|(uk, ui)| uk == k && ui > i && e.value.as_bytes() == ui.to_string().as_bytes());
-        if !later_unknown {
-            assert_eq!(e.value.as_bytes(), i.to_string().as_bytes(), "{k}");
-            assert_eq!(e.version, *v, "{k}");
-        }
-    }
+    writes.check_stored(&backend).await.unwrap();
 
     // The watcher saw every acknowledged version, in order, with no Resync.
     let mut seen = Vec::new();
-    let want = acked.last().unwrap().2;
+    let want = writes.acked.last().unwrap().2;
     while seen.last().is_none_or(|v| *v < want) {
         let ev = tokio::time::timeout(Duration::from_secs(20), watch.next())
             .await
@@ -162,7 +119,7 @@ async fn leader_killed_and_restarted_loses_nothing() {
         seen.windows(2).all(|w| w[0] < w[1]),
         "versions out of order"
     );
-    for (k, i, v) in &acked {
+    for (k, i, v, _) in &writes.acked {
         assert!(
             seen.binary_search(v).is_ok(),
             "watcher missed {k}={i} at {v:?}"

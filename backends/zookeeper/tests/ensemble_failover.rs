@@ -12,12 +12,10 @@
 
 mod support;
 
-use dprim::{
-    Config, Depth, ErrorKind, Key, KvExt, Value, Version, WatchEvent, WatchStart, WatchTarget,
-};
+use dprim::{Config, Depth, Key, WatchEvent, WatchStart, WatchTarget};
+use dprim_conformance::failover::write_numbers;
 use dprim_conformance::linearizability::{race, registers};
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::Servers;
 
 const PORTS: [u16; 3] = [12181, 22181, 32181];
@@ -58,44 +56,15 @@ async fn leader_killed_and_restarted_loses_nothing() {
     // When the killed member is back; the writer goes on until it has had
     // a write acknowledged after that (within a minute), however long the
     // ensemble and its client take to recover on a busy machine.
-    let (restarted_tx, restarted_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
-    let writer = tokio::spawn(async move {
-        let mut acked: Vec<(Key, u64, Version)> = Vec::new();
-        let mut unknown: Vec<(Key, u64)> = Vec::new();
-        let mut acked_at: Vec<tokio::time::Instant> = Vec::new();
-        let started = tokio::time::Instant::now();
-        let deadline = started + Duration::from_secs(12);
-        let mut i = 0u64;
-        let acked_since_restart = |acked_at: &[tokio::time::Instant]| {
-            let restarted = *restarted_rx.borrow();
-            restarted.is_some_and(|r| acked_at.last().is_some_and(|t| *t > r))
-        };
-        while tokio::time::Instant::now() < deadline
-            || (!acked_since_restart(&acked_at) && started.elapsed() < Duration::from_secs(60))
-        {
-            let key = Key::new(format!("w/k{}", i % 10)).unwrap();
-            let v = match writer_backend
-                .kv()
-                .put(&key, Value::new(i.to_string().into_bytes()).unwrap())
-                .await
-            {
-                Ok(v) => v,
-                // Its request may have been applied: no retry can hide
-                // that without risking a second application.
-                Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {
-                    unknown.push((key, i));
-                    i += 1;
-                    continue;
-                }
-                Err(e) => panic!("write {i} failed through the retry layer: {e}"),
-            };
-            acked.push((key, i, v));
-            acked_at.push(tokio::time::Instant::now());
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, acked_at, unknown)
-    });
+    let (restarted_tx, restarted_rx) = tokio::sync::watch::channel(None::<Instant>);
+    let started = Instant::now();
+    let writer = tokio::spawn(write_numbers(writer_backend, dir.clone(), move |writes| {
+        let restarted = *restarted_rx.borrow();
+        let acked_since_restart =
+            restarted.is_some_and(|r| writes.acked.last().is_some_and(|w| w.3 > r));
+        started.elapsed() < Duration::from_secs(12)
+            || (!acked_since_restart && started.elapsed() < Duration::from_secs(60))
+    }));
 
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -112,14 +81,14 @@ async fn leader_killed_and_restarted_loses_nothing() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = leader_member();
-    let killed_at = tokio::time::Instant::now();
+    let killed_at = Instant::now();
     servers.kill9(&leader);
     tokio::time::sleep(Duration::from_secs(2)).await;
     servers.script(&["restart-member", &leader]);
-    let restarted_at = tokio::time::Instant::now();
+    let restarted_at = Instant::now();
     restarted_tx.send_replace(Some(restarted_at));
 
-    let (acked, acked_at, unknown) = writer.await.unwrap();
+    let writes = writer.await.unwrap().unwrap();
     let history = racers.await.unwrap().unwrap();
     let checked = history
         .check(false)
@@ -129,46 +98,26 @@ async fn leader_killed_and_restarted_loses_nothing() {
     // Writes went on: before the kill, and again once the member was back
     // (how long the client took to move to a live server is not checked:
     // once 12 s and more under a loaded CI run).
-    let before = acked_at.iter().filter(|t| **t < killed_at).count();
-    let after = acked_at.iter().filter(|t| **t > restarted_at).count();
+    let before = writes.acked.iter().filter(|w| w.3 < killed_at).count();
+    let after = writes.acked.iter().filter(|w| w.3 > restarted_at).count();
     assert!(
         before > 10 && after > 0,
         "{before} writes before the kill, {after} after the restart, {} in all",
-        acked.len()
+        writes.acked.len()
     );
 
-    // Every acknowledged write is there: each key holds its last
-    // acknowledged value, or the value of a later write whose outcome is
-    // unknown (which may have been applied).
+    // Every acknowledged write is there.
     println!(
         "writer: {} writes acknowledged, {} with outcome unknown",
-        acked.len(),
-        unknown.len()
+        writes.acked.len(),
+        writes.unknown.len()
     );
-    let mut last: BTreeMap<Key, (u64, Version)> = BTreeMap::new();
-    for (k, i, v) in &acked {
-        last.insert(k.clone(), (*i, *v));
-    }
-    for (k, (i, v)) in &last {
-        let e = backend
-            .kv()
-            .get(k)
-            .await
-            .unwrap()
-            .expect("acked key missing");
-        let later_unknown = unknown
-            .iter()
-            .any(|(uk, ui)| uk == k && ui > i && e.value.as_bytes() == ui.to_string().as_bytes());
-        if !later_unknown {
-            assert_eq!(e.value.as_bytes(), i.to_string().as_bytes(), "{k}");
-            assert_eq!(e.version, *v, "{k}");
-        }
-    }
+    writes.check_stored(&backend).await.unwrap();
 
     // The watcher saw every acknowledged version, in order; a Resync would
     // have to be explicit, and then a re-list must show every acked write.
     let mut seen = Vec::new();
-    let want = acked.last().unwrap().2;
+    let want = writes.acked.last().unwrap().2;
     while seen.last().is_none_or(|v| *v < want) {
         let ev = tokio::time::timeout(Duration::from_secs(20), watch.next())
             .await
@@ -179,15 +128,12 @@ async fn leader_killed_and_restarted_loses_nothing() {
             WatchEvent::Put(e) => seen.push(e.version),
             WatchEvent::Resync { reason } => {
                 let listing = backend.kv().list(&dir, Depth::Recursive).await.unwrap();
-                for (k, (i, v)) in &last {
+                for (k, (_, v)) in writes.last_acked() {
                     assert!(
-                        listing.entries.iter().any(|e| &e.key == k
-                            && (e.version == *v
-                                || unknown.iter().any(|(uk, ui)| {
-                                    uk == k
-                                        && ui > i
-                                        && e.value.as_bytes() == ui.to_string().as_bytes()
-                                }))),
+                        listing
+                            .entries
+                            .iter()
+                            .any(|e| e.key == k && writes.explains(e)),
                         "after resync ({reason}) the re-list lacks {k}@{v:?}"
                     );
                 }
@@ -200,7 +146,7 @@ async fn leader_killed_and_restarted_loses_nothing() {
         seen.windows(2).all(|w| w[0] < w[1]),
         "versions out of order"
     );
-    for (k, i, v) in &acked {
+    for (k, i, v, _) in &writes.acked {
         assert!(
             seen.binary_search(v).is_ok(),
             "watcher missed {k}={i} at {v:?}"
