@@ -1174,19 +1174,7 @@ async fn partitioned_supervisor(kind: &str) {
             ids.push(client.launch(spec).await.unwrap());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut last = Vec::new();
-        while Instant::now() < deadline {
-            last.clear();
-            for id in &ids {
-                last.push(client.status(id).await.unwrap());
-            }
-            if last.iter().all(|s| s.state.is_terminal()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        last
+        until_done(&client, &ids, Duration::from_secs(90)).await
     });
     // The supervisors' election (see the tasks store).
     let election = Key::new("_dprim/tasks/supervisor").unwrap();
@@ -1211,17 +1199,7 @@ async fn partitioned_supervisor(kind: &str) {
     }
     let mut problems = Vec::new();
     for (n, status) in statuses.iter().enumerate() {
-        if status.state != dprim::tasks::TaskState::Finished {
-            problems.push(format!("task {n} ({}) ended {status:?}", status.id));
-        }
-        let ran = std::fs::read_to_string(runs.join(n.to_string())).unwrap_or_default();
-        if ran.lines().count() != 1 {
-            problems.push(format!(
-                "task {n} ({}) ran {} times",
-                status.id,
-                ran.lines().count()
-            ));
-        }
+        finished_once(n, status, &runs, &mut problems);
     }
     assert!(
         problems.is_empty(),
@@ -1233,6 +1211,47 @@ async fn partitioned_supervisor(kind: &str) {
 }
 
 const TASKS: usize = 40;
+
+/// Adds to `problems` unless task `n` ended FINISHED with exit code 0 and
+/// ran once: its runs add a line each to the file `runs/<n>`.
+fn finished_once(
+    n: usize,
+    status: &dprim::tasks::TaskStatus,
+    runs: &std::path::Path,
+    problems: &mut Vec<String>,
+) {
+    if status.state != dprim::tasks::TaskState::Finished || status.exit_code != Some(0) {
+        problems.push(format!("task {n} ({}) ended {status:?}", status.id));
+    }
+    let ran = std::fs::read_to_string(runs.join(n.to_string())).unwrap_or_default();
+    if ran.lines().count() != 1 {
+        problems.push(format!(
+            "task {n} ({}) ran {} times",
+            status.id,
+            ran.lines().count()
+        ));
+    }
+}
+
+/// The statuses of `ids` once all are done for good, or as they are after
+/// `limit`.
+async fn until_done(
+    client: &dprim_runtime::tasks::client::TasksClient,
+    ids: &[dprim::TaskId],
+    limit: Duration,
+) -> Vec<dprim::tasks::TaskStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut statuses = Vec::new();
+        for id in ids {
+            statuses.push(client.status(id).await.unwrap());
+        }
+        if Instant::now() >= deadline || statuses.iter().all(|s| s.state.is_terminal()) {
+            return statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 /// Whether task `n` of the cut-connection run is one that gets killed.
 fn killed(n: usize) -> bool {
@@ -1288,19 +1307,7 @@ async fn tasks_through_cuts(kind: &str) {
                 client.kill(id, Duration::from_secs(1)).await.unwrap();
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(150);
-        let mut last = Vec::new();
-        while Instant::now() < deadline {
-            last.clear();
-            for id in &ids {
-                last.push(client.status(id).await.unwrap());
-            }
-            if last.iter().all(|s| s.state.is_terminal()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        last
+        until_done(&client, &ids, Duration::from_secs(150)).await
     });
     let cuts = cut_until(&proxy, &launching).await;
     let statuses = launching.await.unwrap();
@@ -1326,17 +1333,7 @@ async fn tasks_through_cuts(kind: &str) {
             }
             continue;
         }
-        if status.state != dprim::tasks::TaskState::Finished || status.exit_code != Some(0) {
-            problems.push(format!("task {n} ({}) ended {status:?}", status.id));
-        }
-        let ran = std::fs::read_to_string(runs.join(n.to_string())).unwrap_or_default();
-        if ran.lines().count() != 1 {
-            problems.push(format!(
-                "task {n} ({}) ran {} times",
-                status.id,
-                ran.lines().count()
-            ));
-        }
+        finished_once(n, status, &runs, &mut problems);
     }
     assert!(
         problems.is_empty(),

@@ -48,6 +48,20 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between such tries.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Waits `backoff` and doubles it (up to [`RETRY_MAX`]) for the next time;
+/// `false` if `shutdown` came first.
+async fn back_off<F: std::future::Future + Unpin>(
+    shutdown: &mut F,
+    backoff: &mut Duration,
+) -> bool {
+    let waited = tokio::select! {
+        _ = shutdown => false,
+        _ = tokio::time::sleep(*backoff) => true,
+    };
+    *backoff = (*backoff * 2).min(RETRY_MAX);
+    waited
+}
+
 /// Supervisor settings.
 #[derive(Clone)]
 pub struct SupervisorConfig {
@@ -538,11 +552,9 @@ impl Supervisor {
                 Ok(s) => s,
                 Err(e) if started && e.is_temporary() => {
                     tracing::warn!(error = %e, name = %self.config.name, "cannot open a session to campaign again; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !back_off(&mut shutdown, &mut backoff).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(RETRY_MAX);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -560,11 +572,9 @@ impl Supervisor {
                 Err(e) if e.is_temporary() => {
                     tracing::warn!(error = %e, name = %self.config.name, "campaign failed; retrying");
                     let _ = session.close().await;
-                    tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !back_off(&mut shutdown, &mut backoff).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(RETRY_MAX);
                     continue;
                 }
                 Err(e) => return Err(e),
