@@ -118,6 +118,11 @@ impl Failure {
             if *name == "did you mean" {
                 hints.push(format!("did you mean {value}?"));
             }
+            if *name == "task" && self.error.kind() == ErrorKind::OutcomeUnknown {
+                hints.push(format!(
+                    "`dprim task status {value}` tells whether the task was launched"
+                ));
+            }
         }
         let generic = match self.error.kind() {
             ErrorKind::InvalidArgument if self.has_context("grammar") => Some(
@@ -240,6 +245,22 @@ mod tests {
         let text = f.to_string();
         assert!(
             text.contains("hint: the operation may or may not have taken effect; check before repeating it (for a key: `dprim kv get KEY`)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_launch_of_unknown_outcome_names_the_task_to_look_up() {
+        let f = Failure::new(
+            Error::new(
+                ErrorKind::OutcomeUnknown,
+                "transaction: the outcome is unknown",
+            )
+            .with_context("task", "t1a2b"),
+        );
+        let text = f.to_string();
+        assert!(
+            text.contains("hint: `dprim task status t1a2b` tells whether the task was launched"),
             "{text}"
         );
     }

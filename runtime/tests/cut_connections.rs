@@ -43,6 +43,8 @@
 //!   heal the cut-off agent kills its replaced run;
 //! - the leading supervisor is partitioned for longer than its TTL while
 //!   tasks are launched: a standby takes over and every task runs once;
+//! - a client behind the proxy launches tasks: every launch that returned an
+//!   id is recorded, and one whose outcome is unknown names its task;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -1210,6 +1212,60 @@ async fn partitioned_supervisor(kind: &str) {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// A client behind the proxy launches tasks through connection resets:
+/// every launch that returned an id is recorded, and a launch whose outcome
+/// is unknown names its task, which a read then finds or not.
+async fn launches_through_cuts(kind: &str) {
+    let (proxy, config) = proxied(kind, "launches").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "launches"))
+        .await
+        .unwrap();
+    let cut_off = dprim_runtime::open_config(&config).await.unwrap();
+    let launching = tokio::spawn(async move {
+        let client = dprim_runtime::tasks::client::TasksClient::new(cut_off);
+        let (mut launched, mut unknown, mut failed) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..300 {
+            match client.launch(support::shell("true", 0.1)).await {
+                Ok(id) => launched.push(id),
+                Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {
+                    let task = e
+                        .context()
+                        .iter()
+                        .find(|(name, _)| *name == "task")
+                        .map(|(_, id)| dprim::TaskId(id.clone()))
+                        .unwrap_or_else(|| {
+                            panic!("a launch of unknown outcome names no task: {e}")
+                        });
+                    unknown.push(task);
+                }
+                Err(_) => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (launched, unknown, failed)
+    });
+    let cuts = cut_until(&proxy, &launching).await;
+    let (launched, unknown, failed) = launching.await.unwrap();
+    let client = dprim_runtime::tasks::client::TasksClient::new(direct);
+    for id in &launched {
+        let status = client.status(id).await;
+        assert!(status.is_ok(), "{kind}: launched task {id}: {status:?}");
+    }
+    let mut found = 0;
+    for id in &unknown {
+        match client.status(id).await {
+            Ok(_) => found += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => panic!("{kind}: reading task {id} of a launch of unknown outcome: {e}"),
+        }
+    }
+    println!(
+        "{kind}: {} launches recorded, {} of unknown outcome ({found} of them happened), {failed} failed, through {cuts} cuts",
+        launched.len(),
+        unknown.len()
+    );
+}
+
 const TASKS: usize = 40;
 
 /// Adds to `problems` unless task `n` ended FINISHED with exit code 0 and
@@ -1450,5 +1506,12 @@ async fn a_partitioned_agent_kills_its_replaced_run_after_the_heal() {
 async fn tasks_run_once_when_the_leading_supervisor_is_partitioned() {
     for kind in backends() {
         partitioned_supervisor(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn launches_are_recorded_or_name_their_task_when_connections_are_cut() {
+    for kind in backends() {
+        launches_through_cuts(&kind).await;
     }
 }

@@ -63,11 +63,9 @@ fn unknown(id: &TaskId) -> Error {
     ))
 }
 
-#[async_trait]
-impl Tasks for TasksClient {
-    async fn launch(&self, spec: TaskSpec) -> Result<TaskId> {
-        spec.validate()?;
-        let id = store::new_task_id();
+impl TasksClient {
+    /// Writes a new task's spec and first record under `id`.
+    async fn write_launch(&self, spec: TaskSpec, id: String) -> Result<()> {
         let record = StatusRecord {
             id: id.clone(),
             record: TaskRecord::new(spec.restart, SystemTime::now()),
@@ -86,7 +84,7 @@ impl Tasks for TasksClient {
                 .put(spec_key, store::encode(&spec)?)
                 .put(status_key, store::encode(&record)?);
             self.backend.kv().txn(txn).await?;
-            return Ok(TaskId(id));
+            return Ok(());
         }
         store::put_with(&self.backend, &spec_key, &spec, Precondition::Absent, None).await?;
         // The supervisor may have written it first; either way it exists.
@@ -103,6 +101,20 @@ impl Tasks for TasksClient {
             Err(e) if e.kind() == dprim::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Tasks for TasksClient {
+    async fn launch(&self, spec: TaskSpec) -> Result<TaskId> {
+        spec.validate()?;
+        let id = store::new_task_id();
+        // A launch whose outcome is unknown may have happened: the id is
+        // how the caller finds out.
+        self.write_launch(spec, id.clone())
+            .await
+            .map_err(|e| e.with_context("task", &id))?;
         Ok(TaskId(id))
     }
 
