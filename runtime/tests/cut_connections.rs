@@ -45,6 +45,8 @@
 //!   tasks are launched: a standby takes over and every task runs once;
 //! - a client behind the proxy launches tasks: every launch that returned an
 //!   id is recorded, and one whose outcome is unknown names its task;
+//! - a lock waiter and a candidate behind the proxy are partitioned: each
+//!   fails `SessionLost` soon after, not at the end of its timeout;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -1266,6 +1268,80 @@ async fn launches_through_cuts(kind: &str) {
     );
 }
 
+/// A lock waiter and a candidate behind the proxy are partitioned while
+/// they wait: their session is lost, and each wait fails `SessionLost`
+/// soon after, not at the end of its own timeout.
+async fn partitioned_waiters(kind: &str) {
+    let (proxy, config) = proxied(kind, "partition-waiters").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-waiters"))
+        .await
+        .unwrap();
+    let (lock, election) = (
+        Key::new("the-lock").unwrap(),
+        Key::new("the-election").unwrap(),
+    );
+    let holder = direct
+        .sessions()
+        .open(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let guard = direct
+        .locks()
+        .lock(&lock, &holder, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let leadership = direct
+        .elections()
+        .campaign(&election, Value::new(b"leader".to_vec()).unwrap(), &holder)
+        .await
+        .unwrap();
+    let cut_off = dprim_runtime::open_config(&config).await.unwrap();
+    let session = cut_off
+        .sessions()
+        .open(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let (b1, b2, s1, s2) = (
+        cut_off.clone(),
+        cut_off.clone(),
+        session.clone(),
+        session.clone(),
+    );
+    let waiting = tokio::spawn(async move {
+        let r = b1.locks().lock(&lock, &s1, Duration::from_secs(60)).await;
+        (r.map(|_| ()), Instant::now())
+    });
+    let campaigning = tokio::spawn(async move {
+        let value = Value::new(b"waiting".to_vec()).unwrap();
+        let r = b2.elections().campaign(&election, value, &s2).await;
+        (r.map(|_| ()), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished() && !campaigning.is_finished());
+    proxy.isolate();
+    let isolated = Instant::now();
+    for (what, handle) in [("lock", waiting), ("campaign", campaigning)] {
+        let (result, ended) = tokio::time::timeout(Duration::from_secs(15), handle)
+            .await
+            .unwrap_or_else(|_| panic!("{kind}: a {what} waiting when its session was partitioned away still waits 15 s later"))
+            .unwrap();
+        let kind_of = result.as_ref().map_err(|e| e.kind());
+        assert_eq!(
+            kind_of,
+            Err(ErrorKind::SessionLost),
+            "{kind}: the partitioned {what}: {result:?}"
+        );
+        println!(
+            "{kind}: the partitioned {what} failed SessionLost {:?} into the partition",
+            ended - isolated
+        );
+    }
+    proxy.heal();
+    guard.unlock().await.unwrap();
+    leadership.resign().await.unwrap();
+    holder.close().await.unwrap();
+}
+
 const TASKS: usize = 40;
 
 /// Adds to `problems` unless task `n` ended FINISHED with exit code 0 and
@@ -1513,5 +1589,12 @@ async fn tasks_run_once_when_the_leading_supervisor_is_partitioned() {
 async fn launches_are_recorded_or_name_their_task_when_connections_are_cut() {
     for kind in backends() {
         launches_through_cuts(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_waiters_fail_session_lost() {
+    for kind in backends() {
+        partitioned_waiters(&kind).await;
     }
 }
