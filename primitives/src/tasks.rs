@@ -202,6 +202,11 @@ pub trait Tasks: Send + Sync {
     /// UNKNOWN.
     async fn status(&self, id: &TaskId) -> Result<TaskStatus>;
     /// Every status update from now on (at-least-once).
+    ///
+    /// # Behavior
+    /// - When updates may have been missed (the backend could not prove
+    ///   the watch's continuity, e.g. across a reconnect), the stream yields
+    ///   an error of kind `Resync` and ends: reconcile, then watch again.
     async fn watch(&self) -> Result<BoxStream<'static, Result<TaskStatus>>>;
     /// What is known about `ids` (explicit) or every task (implicit, `None`), paginated.
     ///

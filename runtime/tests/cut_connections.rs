@@ -47,6 +47,8 @@
 //!   id is recorded, and one whose outcome is unknown names its task;
 //! - a lock waiter and a candidate behind the proxy are partitioned: each
 //!   fails `SessionLost` soon after, not at the end of its timeout;
+//! - a client behind the proxy watches task statuses: it sees every task
+//!   finish, or its watch says `Resync` and a reconciliation shows them;
 //! - a supervisor and three agents behind the proxy run tasks launched by a
 //!   client that is not: every task runs exactly once and ends FINISHED,
 //!   or KILLED for the fifth that the client kills (an agent's report that
@@ -1342,6 +1344,94 @@ async fn partitioned_waiters(kind: &str) {
     holder.close().await.unwrap();
 }
 
+/// A client behind the proxy watches task statuses while a supervisor and
+/// an agent outside run tasks through connection resets: it sees every
+/// task finish, or its watch ends with `Resync` and a reconciliation then
+/// shows every task finished.
+async fn task_watch_through_cuts(kind: &str) {
+    use futures::StreamExt;
+    let (proxy, config) = proxied(kind, "task-watch").await;
+    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "task-watch"))
+        .await
+        .unwrap();
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let work = support::temp_dir("cut", &format!("task-watch-{kind}"));
+    let supervisor = support::supervisor(&direct, Duration::from_secs(60));
+    let agent = support::agent_config(work.clone(), Duration::from_secs(5), Default::default());
+    let running = [
+        tokio::spawn(supervisor.run(support::stopped(&stop))),
+        tokio::spawn(
+            dprim_runtime::tasks::agent::Agent::new(direct.clone(), agent)
+                .run(support::stopped(&stop)),
+        ),
+    ];
+    let watcher = dprim_runtime::tasks::client::TasksClient::new(
+        dprim_runtime::open_config(&config).await.unwrap(),
+    );
+    let mut updates = watcher.watch().await.unwrap();
+    let launcher = dprim_runtime::tasks::client::TasksClient::new(direct.clone());
+    let launching = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(
+                launcher
+                    .launch(support::shell("sleep 0.5", 0.1))
+                    .await
+                    .unwrap(),
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        ids
+    });
+    let watching = tokio::spawn(async move {
+        let mut finished = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while finished.len() < 20 && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(1), updates.next()).await {
+                Ok(Some(Ok(s))) if s.state == dprim::tasks::TaskState::Finished => {
+                    finished.insert(s.id);
+                }
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(Some(Err(e))) if e.kind() == ErrorKind::Resync => return (finished, true),
+                Ok(Some(Err(e))) => panic!("the task watch failed: {e}"),
+                Ok(None) => panic!("the task watch ended without saying Resync"),
+            }
+        }
+        (finished, false)
+    });
+    let cuts = cut_until(&proxy, &watching).await;
+    let (finished, resynced) = watching.await.unwrap();
+    let ids = launching.await.unwrap();
+    if resynced {
+        // Reconcile through the same client, as the error says.
+        let statuses = until_done(&watcher, &ids, Duration::from_secs(60)).await;
+        assert!(
+            statuses
+                .iter()
+                .all(|s| s.state == dprim::tasks::TaskState::Finished),
+            "{kind}: {statuses:?}"
+        );
+    } else {
+        let wanted: BTreeSet<dprim::TaskId> = ids.iter().cloned().collect();
+        assert_eq!(finished, wanted, "{kind}: the finishes seen");
+    }
+    stop.send_replace(true);
+    for handle in running {
+        handle.await.unwrap().unwrap();
+    }
+    println!(
+        "{kind}: the task watch behind the proxy saw {} of {} tasks finish{} through {cuts} cuts",
+        finished.len(),
+        ids.len(),
+        if resynced {
+            " before saying Resync (reconciled after)"
+        } else {
+            ""
+        }
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 const TASKS: usize = 40;
 
 /// Adds to `problems` unless task `n` ended FINISHED with exit code 0 and
@@ -1596,5 +1686,12 @@ async fn launches_are_recorded_or_name_their_task_when_connections_are_cut() {
 async fn partitioned_waiters_fail_session_lost() {
     for kind in backends() {
         partitioned_waiters(&kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn task_watches_miss_nothing_silently_when_connections_are_cut() {
+    for kind in backends() {
+        task_watch_through_cuts(&kind).await;
     }
 }
