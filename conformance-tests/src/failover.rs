@@ -79,7 +79,8 @@ impl Writes {
     /// Whether `entry` is what its key may hold now: its last acknowledged
     /// write (value and version), or a later write whose outcome is unknown.
     pub fn explains(&self, entry: &Entry) -> bool {
-        let Some((n, version)) = self.last_acked().get(&entry.key).copied() else {
+        let last = self.acked.iter().rev().find(|w| w.0 == entry.key);
+        let Some(&(_, n, version, _)) = last else {
             return true;
         };
         let holds = |m: u64| entry.value.as_bytes() == m.to_string().as_bytes();

@@ -241,6 +241,22 @@ async fn queue_through_cuts(kind: &str) {
     }
 }
 
+/// `session`, or a new one when it is `None` (lost); `None` when opening
+/// fails, noted in `failures`.
+async fn reopened<'a>(
+    backend: &dprim::Backend,
+    session: &'a mut Option<dprim::Session>,
+    failures: &mut Vec<String>,
+) -> Option<&'a dprim::Session> {
+    if session.is_none() {
+        match backend.sessions().open(Duration::from_secs(3)).await {
+            Ok(s) => *session = Some(s),
+            Err(e) => failures.push(format!("open session: {e}")),
+        }
+    }
+    session.as_ref()
+}
+
 const LOCK_ROUNDS: u32 = 30;
 
 async fn lock_through_cuts(kind: &str) {
@@ -262,15 +278,8 @@ async fn lock_through_cuts(kind: &str) {
                     started.elapsed() < Duration::from_secs(90),
                     "client {c}: {held} of {LOCK_ROUNDS} turns in 90 s; failures: {failures:?}"
                 );
-                let s = match &session {
-                    Some(s) => s,
-                    None => match backend.sessions().open(Duration::from_secs(3)).await {
-                        Ok(s) => session.insert(s),
-                        Err(e) => {
-                            failures.push(format!("open session: {e}"));
-                            continue;
-                        }
-                    },
+                let Some(s) = reopened(&backend, &mut session, &mut failures).await else {
+                    continue;
                 };
                 let guard = match backend
                     .locks()
@@ -342,15 +351,8 @@ async fn election_through_cuts(kind: &str) {
                     started.elapsed() < Duration::from_secs(90),
                     "candidate {c}: {won} of {TERMS} terms in 90 s; failures: {failures:?}"
                 );
-                let s = match &session {
-                    Some(s) => s,
-                    None => match backend.sessions().open(Duration::from_secs(3)).await {
-                        Ok(s) => session.insert(s),
-                        Err(e) => {
-                            failures.push(format!("open session: {e}"));
-                            continue;
-                        }
-                    },
+                let Some(s) = reopened(&backend, &mut session, &mut failures).await else {
+                    continue;
                 };
                 let value = Value::new(format!("candidate {c}").into_bytes()).unwrap();
                 // Candidate 2 gives up some campaigns early: a candidacy

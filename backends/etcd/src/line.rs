@@ -40,10 +40,13 @@ impl Line {
             format!("{:016x}-{:016x}", session.id().0, rand::random::<u64>()).as_bytes(),
         );
         let options = etcd_client::PutOptions::new().with_lease(session.id().0 as i64);
-        let mut joining = Joining {
-            line: self.clone(),
-            key: Some(key.clone()),
-        };
+        let joining = LeaveOnDrop::joining(
+            self.clone(),
+            Place {
+                key: key.clone(),
+                revision: 0,
+            },
+        );
         let resp = match self
             .etcd
             .call("put", self.etcd.kv().put(key.clone(), value, Some(options)))
@@ -59,11 +62,11 @@ impl Line {
                         tracing::warn!(error = %gone, "removing a place whose join failed; the session's lease will clear it");
                     }
                 }
-                joining.key = None;
+                joining.keep();
                 return Err(e);
             }
         };
-        joining.key = None;
+        joining.keep();
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(Place { key, revision })
     }
@@ -232,41 +235,14 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// delete sent later on another stream of the connection.
 const REMOVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// Removes, in the background, the place a join may have put when the join
-/// is dropped before it returns (a campaign or lock request cancelled while
-/// its put was on its way): nobody would ever leave that place, and it would
-/// stand in line for as long as its session's lease lives.
-struct Joining {
-    line: Line,
-    /// `None` once the join returned.
-    key: Option<Vec<u8>>,
-}
-
-impl Drop for Joining {
-    fn drop(&mut self) {
-        let Some(key) = self.key.take() else {
-            return;
-        };
-        let line = self.line.clone();
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                for pause in [Duration::ZERO, REMOVE_AGAIN_AFTER] {
-                    tokio::time::sleep(pause).await;
-                    if let Err(e) = line.remove(&key).await {
-                        tracing::warn!(error = %e, "removing the place of a cancelled join failed; the session's lease will clear it");
-                        return;
-                    }
-                }
-            });
-        }
-    }
-}
-
 /// Leaves the line in the background unless told the place was kept, so a
 /// timed-out, cancelled or failed waiter never blocks the line.
 pub(crate) struct LeaveOnDrop {
     line: Line,
     place: Option<Place>,
+    /// For a place whose join may still be on its way: leave once more
+    /// this long after the first time.
+    again_after: Option<Duration>,
 }
 
 impl LeaveOnDrop {
@@ -274,6 +250,18 @@ impl LeaveOnDrop {
         LeaveOnDrop {
             line,
             place: Some(place),
+            again_after: None,
+        }
+    }
+
+    /// Guards a join on its way: dropped before [`LeaveOnDrop::keep`] (a
+    /// campaign or lock request cancelled), it removes the place the join
+    /// may have made, which nobody would ever leave otherwise.
+    fn joining(line: Line, place: Place) -> LeaveOnDrop {
+        LeaveOnDrop {
+            line,
+            place: Some(place),
+            again_after: Some(REMOVE_AGAIN_AFTER),
         }
     }
 
@@ -294,10 +282,16 @@ impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         if let Some(place) = self.place.take() {
             let line = self.line.clone();
+            let again_after = self.again_after;
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(async move {
-                    if let Err(e) = line.leave(&place).await {
-                        tracing::warn!(error = %e, "leaving an etcd line failed; the session's lease will clear it");
+                    let passes = [Some(Duration::ZERO), again_after];
+                    for pause in passes.into_iter().flatten() {
+                        tokio::time::sleep(pause).await;
+                        if let Err(e) = line.leave(&place).await {
+                            tracing::warn!(error = %e, "leaving an etcd line failed; the session's lease will clear it");
+                            return;
+                        }
                     }
                 });
             }

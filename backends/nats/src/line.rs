@@ -47,10 +47,7 @@ impl Line {
             seq: 0,
             session: session.id().0,
         };
-        let mut joining = Joining {
-            line: self.clone(),
-            place: Some(place.clone()),
-        };
+        let joining = LeaveOnDrop::joining(self.clone(), place.clone());
         let written = self
             .nats
             .write_owned(
@@ -61,7 +58,7 @@ impl Line {
                 session.id().0,
             )
             .await;
-        joining.place = None;
+        joining.keep();
         match written {
             Ok(seq) => Ok(Place { seq, ..place }),
             Err(e) => {
@@ -173,41 +170,14 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// purge requested later.
 const REMOVE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
-/// Removes, in the background, the place a join may have written when the
-/// join is dropped before it returns (a campaign or lock request cancelled
-/// while its write was on its way): nobody would ever leave that place, and
-/// it would stand in line for as long as its session lives.
-struct Joining {
-    line: Line,
-    /// `None` once the join returned.
-    place: Option<Place>,
-}
-
-impl Drop for Joining {
-    fn drop(&mut self) {
-        let Some(place) = self.place.take() else {
-            return;
-        };
-        let line = self.line.clone();
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                for pause in [Duration::ZERO, REMOVE_AGAIN_AFTER] {
-                    tokio::time::sleep(pause).await;
-                    if let Err(e) = line.leave(&place).await {
-                        tracing::warn!(error = %e, "removing the place of a cancelled join failed; the session's end will clear it");
-                        return;
-                    }
-                }
-            });
-        }
-    }
-}
-
 /// Leaves the line in the background unless told the place was kept, so a
 /// timed-out, cancelled or failed waiter never blocks the line.
 pub(crate) struct LeaveOnDrop {
     line: Line,
     place: Option<Place>,
+    /// For a place whose join may still be on its way: leave once more
+    /// this long after the first time.
+    again_after: Option<Duration>,
 }
 
 impl LeaveOnDrop {
@@ -215,6 +185,18 @@ impl LeaveOnDrop {
         LeaveOnDrop {
             line,
             place: Some(place),
+            again_after: None,
+        }
+    }
+
+    /// Guards a join on its way: dropped before [`LeaveOnDrop::keep`] (a
+    /// campaign or lock request cancelled), it removes the place the join
+    /// may have made, which nobody would ever leave otherwise.
+    fn joining(line: Line, place: Place) -> LeaveOnDrop {
+        LeaveOnDrop {
+            line,
+            place: Some(place),
+            again_after: Some(REMOVE_AGAIN_AFTER),
         }
     }
 
@@ -232,10 +214,16 @@ impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         if let Some(place) = self.place.take() {
             let line = self.line.clone();
+            let again_after = self.again_after;
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(async move {
-                    if let Err(e) = line.leave(&place).await {
-                        tracing::warn!(error = %e, "leaving a NATS line failed; the session's end will clear it");
+                    let passes = [Some(Duration::ZERO), again_after];
+                    for pause in passes.into_iter().flatten() {
+                        tokio::time::sleep(pause).await;
+                        if let Err(e) = line.leave(&place).await {
+                            tracing::warn!(error = %e, "leaving a NATS line failed; the session's end will clear it");
+                            return;
+                        }
                     }
                 });
             }
