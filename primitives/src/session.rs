@@ -225,13 +225,22 @@ pub fn safety_margin(ttl: Duration) -> Duration {
     ttl / 10
 }
 
+/// How long one renewal attempt may wait for its answer: a sixth of the
+/// TTL, so that about three attempts fit between the first renewal
+/// (`ttl / 3` after the last) and the safe-until deadline.
+fn attempt_limit(ttl: Duration) -> Duration {
+    ttl / 6
+}
+
 /// A renewal function for [`spawn_keep_alive`]: one renewal round trip.
 pub type Renew = Box<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// Runs the standard keep-alive loop shared by backends and returns the state
 /// channel for [`Session::new`].
 ///
-/// Renews every `ttl / 3`, retrying failures every `ttl / 12`. A renewal
+/// Renews every `ttl / 3`, retrying failures every `ttl / 12` and an attempt
+/// unanswered after `ttl / 6` at once. A renewal may therefore be sent again
+/// after an earlier one took effect unseen; `renew` must accept that. A renewal
 /// acknowledged for a request sent at `t` proves the session alive until
 /// `t + ttl - margin`. The session is declared lost when that deadline
 /// passes, or at once when a renewal fails with `SessionLost`/`NotFound` (the
@@ -272,8 +281,17 @@ pub fn spawn_keep_alive(
                     );
                     return;
                 }
-                let attempt =
-                    tokio::time::timeout(safe_until.saturating_duration_since(sent), renew()).await;
+                // One attempt may not take the whole rest of the window: a
+                // request whose answer went with a reset connection is
+                // never answered, and waiting it out would lose a session
+                // that a retry on the new connection keeps alive.
+                let attempt = tokio::time::timeout(
+                    safe_until
+                        .saturating_duration_since(sent)
+                        .min(attempt_limit(ttl)),
+                    renew(),
+                )
+                .await;
                 match attempt {
                     Ok(Ok(())) => {
                         safe_until = sent + ttl - margin;
@@ -297,12 +315,10 @@ pub fn spawn_keep_alive(
                         wait = ttl / 12;
                     }
                     Err(_) => {
-                        lose(
-                            &loop_tx,
-                            id,
-                            "no renewal was acknowledged before the safe-until deadline",
-                        );
-                        return;
+                        // Unanswered: the next iteration tries again at once,
+                        // or declares the session lost if its deadline passed.
+                        tracing::debug!(session = %id, "session renewal unanswered; retrying");
+                        wait = Duration::ZERO;
                     }
                 }
             }
@@ -368,6 +384,29 @@ mod tests {
         let waited = stalled_at.elapsed();
         assert!(waited <= ttl - safety_margin(ttl), "{waited:?}");
         assert!(waited >= ttl - safety_margin(ttl) - ttl / 3, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_renewal_is_retried_before_the_deadline() {
+        // Every other renewal is never answered, like a request whose
+        // connection was reset: the retry must keep the session alive.
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = calls.clone();
+        let renew: Renew = Box::new(move || {
+            let call = counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if call % 2 == 0 {
+                    futures::future::pending::<()>().await;
+                }
+                Ok(())
+            })
+        });
+        let ttl = Duration::from_secs(3);
+        let (_tx, rx) = spawn_keep_alive(SessionId(1), ttl, renew);
+        let s = Session::new(SessionId(1), ttl, rx, Arc::new(NoClose));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(s.is_alive(), "{:?}", s.check());
+        assert!(calls.load(Ordering::SeqCst) >= 20);
     }
 
     #[test]

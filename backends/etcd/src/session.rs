@@ -49,33 +49,33 @@ async fn renew_once(etcd: Etcd, lease: i64, keeper: Keeper, stalled: Stalled) ->
         .temporary());
     }
     let mut slot = keeper.lock().await;
-    if slot.is_none() {
-        let mut client = etcd.client.lease_client();
-        *slot = Some(
+    // The stream is taken out while in use and put back only after its
+    // answer was read: if this attempt is abandoned midway, the stream goes
+    // with it, so a later attempt never reads this request's late answer as
+    // its own (which would date the lease's renewal too late).
+    let (mut keeper_handle, mut stream) = match slot.take() {
+        Some(open) => open,
+        None => {
+            let mut client = etcd.client.lease_client();
             etcd.call("lease keep-alive", client.keep_alive(lease))
-                .await?,
-        );
-    }
-    let Some((k, stream)) = slot.as_mut() else {
-        return Err(Error::unexpected("keep-alive stream vanished"));
+                .await?
+        }
     };
     let answer = async {
-        k.keep_alive().await?;
+        keeper_handle.keep_alive().await?;
         stream.message().await
     };
-    match etcd.call("lease keep-alive", answer).await {
-        Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
-        Ok(Some(_)) => Err(Error::session_lost(format!(
+    // On an error the stream is not put back: it may be broken.
+    match etcd.call("lease keep-alive", answer).await? {
+        Some(resp) if resp.ttl() > 0 => {
+            *slot = Some((keeper_handle, stream));
+            Ok(())
+        }
+        Some(_) => Err(Error::session_lost(format!(
             "etcd lease {lease:x} expired or was revoked"
         ))),
-        Ok(None) => {
-            *slot = None;
+        None => {
             Err(Error::new(ErrorKind::Unavailable, "etcd closed the keep-alive stream").temporary())
-        }
-        Err(e) => {
-            // Open a fresh stream next time: the old one may be broken.
-            *slot = None;
-            Err(e)
         }
     }
 }

@@ -147,11 +147,34 @@ async fn renew_once(
             *last.lock().unwrap_or_else(|p| p.into_inner()) = seq;
             Ok(())
         }
-        Err(e) if e.kind() == ErrorKind::Conflict => Err(Error::session_lost(format!(
-            "the heartbeat of session {id:016x} expired or was removed"
-        ))),
+        Err(e) if e.kind() == ErrorKind::Conflict => {
+            // An earlier renewal whose answer was lost may have taken
+            // effect: a live heartbeat after the expected one can only be
+            // this session's own (expiry and removal leave markers). It
+            // proves nothing about now, so renew once more on top of it.
+            match nats.last_any(&subject).await? {
+                Some(r) if !r.is_deleted() && r.seq > expect => {
+                    let seq = nats
+                        .write(&subject, Bytes::new(), heartbeat_headers(ttl), Some(r.seq))
+                        .await
+                        .map_err(|e| match e.kind() {
+                            ErrorKind::Conflict => heartbeat_gone(id),
+                            _ => e,
+                        })?;
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = seq;
+                    Ok(())
+                }
+                _ => Err(heartbeat_gone(id)),
+            }
+        }
         Err(e) => Err(e),
     }
+}
+
+fn heartbeat_gone(id: u64) -> Error {
+    Error::session_lost(format!(
+        "the heartbeat of session {id:016x} expired or was removed"
+    ))
 }
 
 #[async_trait]
