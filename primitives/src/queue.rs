@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::key::{Key, Value};
 use crate::session::Session;
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,6 +173,9 @@ pub trait Queue: Send + Sync {
     ///   dead-letter queue with its payload intact, whether or not anyone
     ///   uses the original queue again: pulling from (or measuring) the
     ///   dead-letter queue finds it.
+    /// - A pull dropped before it returns holds no message: a delivery made
+    ///   for it after its caller left is given back at once, as by `nack`
+    ///   with no delay, and counts as an attempt.
     async fn pull(&self, options: PullOptions) -> Result<Option<Delivery>>;
 
     /// Acknowledges a delivery: the message is removed for good.
@@ -212,4 +216,193 @@ pub trait Queues: Send + Sync {
     /// - Invalid options (`max_attempts` 0, a queue as its own dead-letter
     ///   queue) are `InvalidArgument`.
     async fn open(&self, name: &Key, options: Option<QueueOptions>) -> Result<Arc<dyn Queue>>;
+}
+
+/// Tells a pull run by [`pull_to_the_end`] that its caller stopped waiting
+/// for it.
+#[derive(Clone, Debug)]
+pub struct Abandoned(tokio::sync::watch::Receiver<()>);
+
+impl Abandoned {
+    /// Whether the caller stopped waiting.
+    pub fn is_set(&self) -> bool {
+        self.0.has_changed().is_err()
+    }
+
+    /// Resolves once the caller stopped waiting (at once if it already
+    /// did); a pull waiting for messages stops waiting then.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        while rx.changed().await.is_ok() {}
+    }
+}
+
+/// Gives a delivery back; see [`pull_to_the_end`].
+pub type GiveBack = Box<dyn FnOnce(Delivery) -> BoxFuture<'static, ()> + Send>;
+
+/// Runs a backend's pull as a task of its own, so that a caller that
+/// stops waiting for it (drops the future, as a `select!` with a shutdown
+/// signal does) cannot leave a message claimed by nobody, invisible until
+/// its visibility timeout.
+///
+/// The pull gets an [`Abandoned`] to stop waiting for messages early. A
+/// delivery it makes after its caller left (a claim already on its way, or
+/// a message a server delivers for a request it still holds) is handed to
+/// `give_back`, which nacks it with no delay: the message is visible again
+/// at once, and the delivery counts as an attempt.
+pub async fn pull_to_the_end<F>(
+    pull: impl FnOnce(Abandoned) -> F,
+    give_back: GiveBack,
+) -> Result<Option<Delivery>>
+where
+    F: std::future::Future<Output = Result<Option<Delivery>>> + Send + 'static,
+{
+    let (left, abandoned) = tokio::sync::watch::channel(());
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let pulling = pull(Abandoned(abandoned));
+    let give_back = std::sync::Arc::new(std::sync::Mutex::new(Some(give_back)));
+    let task_give_back = give_back.clone();
+    tokio::spawn(async move {
+        if let Err(Ok(Some(delivery))) = answer.send(pulling.await) {
+            give(&task_give_back, delivery).await;
+        }
+    });
+    let mut waiting = Waiting {
+        answered,
+        give_back,
+        _left: left,
+    };
+    match (&mut waiting.answered).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::unexpected(
+            "a queue pull's task ended without an answer",
+        )),
+    }
+}
+
+/// Nacks a delivery nobody will process, with no delay, retrying for a
+/// while where the failure may pass (a nack compares the claim, so a retry
+/// never applies twice). For a backend's [`GiveBack`].
+pub async fn give_back(queue: &(impl Queue + ?Sized), receipt: &Receipt) {
+    let nacked = crate::retry::RetryPolicy::default()
+        .run(|| queue.nack(receipt, Duration::ZERO))
+        .await;
+    if let Err(e) = nacked {
+        tracing::debug!(queue = %queue.name(), %receipt, error = %e, "giving back the delivery of an abandoned pull failed; it comes back after its visibility timeout");
+    }
+}
+
+/// [`give_back`] in the background, for a claim whose answer was lost: a
+/// receipt that never held anything fails its nack harmlessly.
+pub fn give_back_later<Q: Queue + 'static>(queue: Q, receipt: Receipt) {
+    tokio::spawn(async move { give_back(&queue, &receipt).await });
+}
+
+async fn give(give_back: &std::sync::Mutex<Option<GiveBack>>, delivery: Delivery) {
+    let taken = give_back.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(give_back) = taken {
+        give_back(delivery).await;
+    }
+}
+
+/// The caller's side of [`pull_to_the_end`]. Dropped before the answer was
+/// taken, it tells the pull (its watch sender goes) and gives back an
+/// answer that arrived meanwhile.
+struct Waiting {
+    answered: tokio::sync::oneshot::Receiver<Result<Option<Delivery>>>,
+    give_back: std::sync::Arc<std::sync::Mutex<Option<GiveBack>>>,
+    _left: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // After `close`, the task's send fails (and it gives the delivery
+        // back itself) unless the answer is already here.
+        self.answered.close();
+        if let Ok(Ok(Some(delivery))) = self.answered.try_recv() {
+            let give_back = self.give_back.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { give(&give_back, delivery).await });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(n: u64) -> Delivery {
+        Delivery {
+            id: MessageId(n),
+            payload: Value::new(b"m".to_vec()).unwrap_or_else(|_| unreachable!()),
+            attempt: 1,
+            receipt: Receipt(format!("r{n}")),
+        }
+    }
+
+    fn recorder() -> (GiveBack, tokio::sync::mpsc::UnboundedReceiver<Receipt>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let give_back: GiveBack = Box::new(move |d: Delivery| {
+            Box::pin(async move {
+                let _ = tx.send(d.receipt);
+            })
+        });
+        (give_back, rx)
+    }
+
+    #[tokio::test]
+    async fn an_answered_pull_gives_nothing_back() {
+        let (give_back, mut given) = recorder();
+        let got = pull_to_the_end(|_| async { Ok(Some(delivery(1))) }, give_back).await;
+        assert_eq!(got.ok().flatten().map(|d| d.id), Some(MessageId(1)));
+        tokio::task::yield_now().await;
+        assert!(given.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_claim_made_after_the_caller_left_is_given_back() {
+        let (give_back, mut given) = recorder();
+        let (claimed, claim) = tokio::sync::oneshot::channel::<()>();
+        let (told, mut was_told) = tokio::sync::oneshot::channel();
+        let pull = pull_to_the_end(
+            move |abandoned| async move {
+                // A claim on its way: it lands after the caller left.
+                let _ = claim.await;
+                let _ = told.send(abandoned.is_set());
+                Ok(Some(delivery(2)))
+            },
+            give_back,
+        );
+        // The caller gives up while the claim is on its way.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), pull).await;
+        assert!(gave_up.is_err());
+        let _ = claimed.send(());
+        let back = tokio::time::timeout(Duration::from_secs(5), given.recv()).await;
+        assert_eq!(back.ok().flatten(), Some(Receipt("r2".into())));
+        assert_eq!(was_told.try_recv().ok(), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_pull_is_told_its_caller_left() {
+        let (give_back, mut given) = recorder();
+        let (ended, mut end) = tokio::sync::oneshot::channel();
+        let pull = pull_to_the_end(
+            move |abandoned| async move {
+                abandoned.wait().await;
+                let _ = ended.send(());
+                Ok(None)
+            },
+            give_back,
+        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), pull)
+            .await
+            .is_err());
+        let stopped = tokio::time::timeout(Duration::from_secs(5), &mut end).await;
+        assert!(
+            stopped.is_ok(),
+            "the pull still waits after its caller left"
+        );
+        assert!(given.recv().await.is_none(), "nothing to give back");
+    }
 }

@@ -174,8 +174,11 @@ async fn queue_through_cuts(kind: &str) {
         let (name, acked, done) = (name.clone(), acked.clone(), done.clone());
         consumers.push(tokio::spawn(async move {
             let q = backend.queues().open(&name, None).await.unwrap();
+            // Longer than the wait for the last ack below: a delivery made
+            // for a pull that failed (its answer lost with a connection)
+            // must be given back, not wait out its visibility timeout.
             let options = PullOptions {
-                visibility_timeout: Duration::from_secs(2),
+                visibility_timeout: Duration::from_secs(120),
                 wait: Duration::from_millis(500),
                 session: None,
             };
@@ -204,9 +207,9 @@ async fn queue_through_cuts(kind: &str) {
     }
     let cuts = cut_until(&proxy, &producing).await;
     let (pushed, push_errors) = producing.await.unwrap();
-    // A message whose delivery was lost with a connection comes back after
-    // the visibility timeout, or on NATS after the consumer's AckWait
-    // (30 s) when the fetch's answer itself was lost.
+    // A message claimed for a pull that failed is given back at once; on
+    // NATS a fetch whose answer was lost comes back after the consumer's
+    // AckWait (30 s).
     let last_push = Instant::now();
     let all_acked = || pushed.iter().all(|i| acked.lock().unwrap().contains_key(i));
     while !all_acked() && last_push.elapsed() < Duration::from_secs(60) {

@@ -19,7 +19,8 @@ use crate::layout::prefix_end;
 use crate::Etcd;
 use async_trait::async_trait;
 use dprim::queue::{
-    Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
+    give_back, give_back_later, pull_to_the_end, Abandoned, Delivery, MessageId, PullOptions,
+    Queue, QueueDepth, QueueOptions, Queues, Receipt,
 };
 use dprim::{Error, Key, Result, Value};
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, TxnOp, TxnOpResponse, WatchOptions};
@@ -71,6 +72,7 @@ impl Queues for EtcdQueues {
     }
 }
 
+#[derive(Clone)]
 struct EtcdQueue {
     etcd: Etcd,
     name: Key,
@@ -430,12 +432,19 @@ impl EtcdQueue {
                         ),
                         TxnOp::put(claim_key, format!("{visible_at}:{nonce}"), put),
                     ]);
-                if self
-                    .etcd
-                    .call("txn", self.etcd.kv().txn(txn))
-                    .await?
-                    .succeeded()
-                {
+                let claimed = match self.etcd.call("txn", self.etcd.kv().txn(txn)).await {
+                    Ok(response) => response.succeeded(),
+                    Err(e) => {
+                        // The claim may have been made with its answer
+                        // lost: nobody would hold it until it timed out.
+                        if !e.is_not_applied() {
+                            let suffix = String::from_utf8_lossy(suffix);
+                            give_back_later(self.clone(), Receipt(format!("{suffix}.{nonce}")));
+                        }
+                        return Err(e);
+                    }
+                };
+                if claimed {
                     let suffix = String::from_utf8_lossy(suffix).into_owned();
                     return Ok((
                         Some(Delivery {
@@ -522,6 +531,39 @@ impl EtcdQueue {
             .succeeded())
     }
 
+    /// The pull itself (see `pull`): stops waiting when its caller left.
+    async fn pull_unless_abandoned(
+        &self,
+        options: PullOptions,
+        abandoned: Abandoned,
+    ) -> Result<Option<Delivery>> {
+        let deadline = tokio::time::Instant::now() + options.wait;
+        loop {
+            if abandoned.is_set() {
+                return Ok(None);
+            }
+            let (delivery, next_change, revision) = self.try_pull(&options).await?;
+            if delivery.is_some() {
+                return Ok(delivery);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let until = match next_change {
+                Some(at) => {
+                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+                    (now + wait).min(deadline)
+                }
+                None => deadline,
+            };
+            tokio::select! {
+                _ = self.wait_for_change(revision, until) => {}
+                _ = abandoned.wait() => return Ok(None),
+            }
+        }
+    }
+
     async fn wait_for_change(&self, after: i64, until: tokio::time::Instant) {
         let mut prefix = self.etcd.layout.queue_options(&self.name);
         // `<queue>/!options` -> `<queue>/!`: covers messages, claims, options.
@@ -571,25 +613,12 @@ impl Queue for EtcdQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let deadline = tokio::time::Instant::now() + options.wait;
-        loop {
-            let (delivery, next_change, revision) = self.try_pull(&options).await?;
-            if delivery.is_some() {
-                return Ok(delivery);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let until = match next_change {
-                Some(at) => {
-                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
-                    (now + wait).min(deadline)
-                }
-                None => deadline,
-            };
-            self.wait_for_change(revision, until).await;
-        }
+        let (this, back) = (self.clone(), self.clone());
+        pull_to_the_end(
+            move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
+            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+        )
+        .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<()> {

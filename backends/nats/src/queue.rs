@@ -37,7 +37,8 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dprim::queue::{
-    Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
+    give_back, pull_to_the_end, Abandoned, Delivery, MessageId, PullOptions, Queue, QueueDepth,
+    QueueOptions, Queues, Receipt,
 };
 use dprim::{Error, ErrorKind, Key, Result, Session, Value};
 use futures::StreamExt;
@@ -109,13 +110,15 @@ impl Queues for NatsQueues {
     }
 }
 
+/// Clones share what they cache (a pull runs on a clone, see `pull`).
+#[derive(Clone)]
 pub(crate) struct NatsQueue {
     nats: Nats,
     name: Key,
     subject: String,
     consumer: PullConsumer,
     /// When the feeders were last found absent.
-    no_feeders_at: Mutex<Option<Instant>>,
+    no_feeders_at: Arc<Mutex<Option<Instant>>>,
 }
 
 fn now_ms() -> i64 {
@@ -182,7 +185,7 @@ impl NatsQueue {
             name,
             subject,
             consumer,
-            no_feeders_at: Mutex::new(None),
+            no_feeders_at: Arc::default(),
         })
     }
 
@@ -248,6 +251,59 @@ impl NatsQueue {
             Ok(Some(Ok(m))) => Ok(Some(m)),
             Ok(Some(Err(e))) => Err(crate::error::map_error("pull", Boxed(e))),
             Ok(None) | Err(_) => Ok(None),
+        }
+    }
+
+    /// The pull itself (see `pull`). A fetch is not given up when its
+    /// caller leaves: the server holds the request until it expires and
+    /// would deliver a message arriving meanwhile to nobody, invisible for
+    /// AckWait. Such a message is given back at once instead.
+    async fn pull_unless_abandoned(
+        &self,
+        options: PullOptions,
+        abandoned: Abandoned,
+    ) -> Result<Option<Delivery>> {
+        let deadline = Instant::now() + options.wait;
+        loop {
+            if abandoned.is_set() {
+                return Ok(None);
+            }
+            let next_sweep = self.sweep_feeders().await?;
+            let mut wait = deadline.saturating_duration_since(Instant::now());
+            if let Some(at) = next_sweep {
+                wait = wait.min(Duration::from_millis((at - now_ms()).max(0) as u64 + 20));
+            }
+            match self.fetch(wait).await? {
+                Some(m) if abandoned.is_set() => {
+                    if let Some(reply) = &m.reply {
+                        self.nak(reply, Duration::ZERO).await?;
+                    }
+                    return Ok(None);
+                }
+                Some(m) => {
+                    let reply = m.reply.clone();
+                    match self.deliver(m, &options).await {
+                        Ok(Some(d)) => return Ok(Some(d)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Nobody holds the message now (its claim may
+                            // have been written with the answer lost):
+                            // give it back rather than wait out AckWait.
+                            if let Some(reply) = reply {
+                                let this = self.clone();
+                                tokio::spawn(async move {
+                                    let _ = dprim::retry::RetryPolicy::default()
+                                        .run(|| this.nak(&reply, Duration::ZERO))
+                                        .await;
+                                });
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                None if Instant::now() >= deadline => return Ok(None),
+                None => {}
+            }
         }
     }
 
@@ -553,23 +609,12 @@ impl Queue for NatsQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let deadline = Instant::now() + options.wait;
-        loop {
-            let next_sweep = self.sweep_feeders().await?;
-            let mut wait = deadline.saturating_duration_since(Instant::now());
-            if let Some(at) = next_sweep {
-                wait = wait.min(Duration::from_millis((at - now_ms()).max(0) as u64 + 20));
-            }
-            match self.fetch(wait).await? {
-                Some(m) => {
-                    if let Some(d) = self.deliver(m, &options).await? {
-                        return Ok(Some(d));
-                    }
-                }
-                None if Instant::now() >= deadline => return Ok(None),
-                None => {}
-            }
-        }
+        let (this, back) = (self.clone(), self.clone());
+        pull_to_the_end(
+            move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
+            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+        )
+        .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<()> {

@@ -30,7 +30,8 @@ use crate::layout::sequence;
 use crate::Zk;
 use async_trait::async_trait;
 use dprim::queue::{
-    Delivery, MessageId, PullOptions, Queue, QueueDepth, QueueOptions, Queues, Receipt,
+    give_back, give_back_later, pull_to_the_end, Abandoned, Delivery, MessageId, PullOptions,
+    Queue, QueueDepth, QueueOptions, Queues, Receipt,
 };
 use dprim::{Error, ErrorKind, Key, Result, Value};
 use std::collections::HashMap;
@@ -179,6 +180,8 @@ impl Queues for ZkQueues {
     }
 }
 
+/// Clones share the tail cache (a pull runs on a clone, see `pull`).
+#[derive(Clone)]
 struct ZkQueue {
     zk: Zk,
     name: Key,
@@ -187,9 +190,9 @@ struct ZkQueue {
     claims: String,
     markers: String,
     /// The bucket this handle pushes to, once looked up.
-    tail: Mutex<Option<u64>>,
+    tail: Arc<Mutex<Option<u64>>>,
     /// Held while looking the tail up, so concurrent pushes look once.
-    finding_tail: tokio::sync::Mutex<()>,
+    finding_tail: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn now_ms() -> i64 {
@@ -264,8 +267,8 @@ impl ZkQueue {
             dir,
             zk,
             name,
-            tail: Mutex::new(None),
-            finding_tail: tokio::sync::Mutex::new(()),
+            tail: Arc::default(),
+            finding_tail: Arc::default(),
         }
     }
 
@@ -745,7 +748,13 @@ impl ZkQueue {
                     // Another consumer won this one; try the next.
                     Ok(None)
                 } else {
-                    Err(map_error(e))
+                    let e = map_error(e);
+                    // The claim may have been made with its answer lost:
+                    // nobody would hold it until it timed out.
+                    if !e.is_not_applied() {
+                        give_back_later(self.clone(), Receipt(format!("{}.{nonce}", place.id())));
+                    }
+                    Err(e)
                 }
             }
         }
@@ -802,6 +811,40 @@ impl ZkQueue {
 
     /// Waits until one of the directories a pull saw changes, or `until`.
     /// A directory that changed since the pull looked ends the wait at once.
+    /// The pull itself (see `pull`): stops waiting when its caller left.
+    async fn pull_unless_abandoned(
+        &self,
+        options: PullOptions,
+        abandoned: Abandoned,
+    ) -> Result<Option<Delivery>> {
+        let deadline = tokio::time::Instant::now() + options.wait;
+        loop {
+            if abandoned.is_set() {
+                return Ok(None);
+            }
+            let idle = match self.try_pull(&options).await? {
+                Ok(delivery) => return Ok(Some(delivery)),
+                Err(idle) => idle,
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let until = match idle.next_change {
+                Some(at) => {
+                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+                    (now + wait).min(deadline)
+                }
+                None => deadline,
+            };
+            let client = self.zk.client().await?;
+            tokio::select! {
+                _ = self.wait_for_change(&client, &idle.dirs, until) => {}
+                _ = abandoned.wait() => return Ok(None),
+            }
+        }
+    }
+
     async fn wait_for_change(
         &self,
         client: &Client,
@@ -861,26 +904,12 @@ impl Queue for ZkQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let deadline = tokio::time::Instant::now() + options.wait;
-        loop {
-            let idle = match self.try_pull(&options).await? {
-                Ok(delivery) => return Ok(Some(delivery)),
-                Err(idle) => idle,
-            };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let until = match idle.next_change {
-                Some(at) => {
-                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
-                    (now + wait).min(deadline)
-                }
-                None => deadline,
-            };
-            let client = self.zk.client().await?;
-            self.wait_for_change(&client, &idle.dirs, until).await;
-        }
+        let (this, back) = (self.clone(), self.clone());
+        pull_to_the_end(
+            move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
+            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+        )
+        .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<()> {

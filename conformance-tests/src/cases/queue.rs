@@ -3,7 +3,10 @@
 // independence of queues, and concurrent consumers.
 
 use super::case;
-use crate::util::{ensure, ensure_eq, expect_err, fail, key, val, within, Context, WAIT};
+use crate::util::{
+    completes, ensure, ensure_eq, expect_err, fail, key, val, within, Context, DROPS,
+    DROP_WITHIN_MICROS, WAIT,
+};
 use crate::{Case, CaseResult, Ctx, Fail, Requirement};
 use dprim::{
     Backend, Delivery, ErrorKind, MessageId, PullOptions, Queue, QueueDepth, QueueOptions,
@@ -158,6 +161,18 @@ pub(crate) fn cases() -> Vec<Case> {
             reopen_without_options_keeps_them,
             [Requirement::QueueDeadLetter],
             "`None` keeps the queue's current options (the defaults for a queue never configured)."
+        ),
+        case!(
+            "queue::pull_dropped_at_any_point_leaves_no_message_held",
+            pull_dropped_at_any_point_leaves_no_message_held,
+            [],
+            "A pull dropped before it returns holds no message: a delivery made for it after its caller left is given back at once, as by `nack` with no delay, and counts as an attempt."
+        ),
+        case!(
+            "queue::waiting_pull_dropped_leaves_later_messages_visible",
+            waiting_pull_dropped_leaves_later_messages_visible,
+            [],
+            "A pull dropped before it returns holds no message: a delivery made for it after its caller left is given back at once, as by `nack` with no delay, and counts as an attempt."
         ),
         case!(
             "queue::concurrent_consumers",
@@ -1054,5 +1069,62 @@ async fn concurrent_consumers(ctx: Ctx) -> CaseResult {
     ensure_eq!(acks.len(), ids.len(), "messages acked");
     pull_none(q.as_ref(), "pull after every message was acked").await?;
     ensure_eq!(depth(q.as_ref()).await?.total(), 0, "messages left");
+    Ok(())
+}
+
+/// Options under which giving deliveries back never dead-letters.
+fn many_attempts() -> QueueOptions {
+    QueueOptions {
+        max_attempts: 1000,
+        dead_letter: None,
+    }
+}
+
+/// Pulls dropped at random moments, from before their first request to
+/// after their answer, most of them while their claim is on its way: a
+/// message claimed for a pull nobody waits for any more must be visible
+/// again at once, not after its (long) visibility timeout.
+async fn pull_dropped_at_any_point_leaves_no_message_held(ctx: Ctx) -> CaseResult {
+    let q = open(&ctx.backend, "jobs", Some(many_attempts())).await?;
+    let id = q.push(val("job")?).await.ctx("push")?;
+    let mut answered = 0;
+    for _ in 0..DROPS {
+        let after = Duration::from_micros(rand::random_range(0..DROP_WITHIN_MICROS));
+        // A pull that answered in time is nacked as a worker would.
+        if let Some(Ok(Some(d))) = completes(after, q.pull(held(LONG))).await {
+            answered += 1;
+            q.nack(&d.receipt, Duration::ZERO).await.ctx("nack")?;
+        }
+    }
+    let d = pull_one(
+        q.as_ref(),
+        waiting(LONG, WAIT),
+        &format!("pull after {DROPS} pulls were dropped ({answered} answered in time)"),
+    )
+    .await?;
+    ensure_eq!(d.id, id, "the message");
+    q.ack(&d.receipt).await.ctx("ack")?;
+    pull_none(q.as_ref(), "pull after ack").await
+}
+
+/// A pull waiting on an empty queue is dropped; a message pushed afterwards
+/// must reach the next pull at once: the dropped one stops waiting, or
+/// gives back what it still receives (NATS: the server holds the fetch).
+async fn waiting_pull_dropped_leaves_later_messages_visible(ctx: Ctx) -> CaseResult {
+    let q = open(&ctx.backend, "jobs", Some(many_attempts())).await?;
+    let dropped = completes(Duration::from_millis(300), q.pull(waiting(LONG, WAIT * 2))).await;
+    ensure!(
+        dropped.is_none(),
+        "a pull on an empty queue returned: {dropped:?}"
+    );
+    let id = q.push(val("after")?).await.ctx("push")?;
+    let d = pull_one(
+        q.as_ref(),
+        waiting(LONG, WAIT),
+        "pull after a waiting pull was dropped",
+    )
+    .await?;
+    ensure_eq!(d.id, id, "the message pushed after the drop");
+    q.ack(&d.receipt).await.ctx("ack")?;
     Ok(())
 }
