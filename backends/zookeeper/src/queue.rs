@@ -195,6 +195,17 @@ struct ZkQueue {
     finding_tail: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Whether a `multi` failed because one of its conditions did not hold
+/// (rather than for want of a server).
+fn refused(e: &zookeeper_client::Error) -> bool {
+    matches!(
+        e,
+        zookeeper_client::Error::BadVersion
+            | zookeeper_client::Error::NoNode
+            | zookeeper_client::Error::NodeExists
+    )
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -739,12 +750,7 @@ impl ZkQueue {
             })),
             Err(e) => {
                 let e: zookeeper_client::Error = e.into();
-                if matches!(
-                    e,
-                    zookeeper_client::Error::BadVersion
-                        | zookeeper_client::Error::NoNode
-                        | zookeeper_client::Error::NodeExists
-                ) {
+                if refused(&e) {
                     // Another consumer won this one; try the next.
                     Ok(None)
                 } else {
@@ -802,6 +808,17 @@ impl ZkQueue {
         ))
     }
 
+    /// The error of a change to a held delivery whose `multi` failed: a
+    /// refused condition means the delivery changed hands, anything else
+    /// (a lost connection) says what happened.
+    fn failed_change(&self, e: zookeeper_client::Error, receipt: &Receipt) -> Error {
+        if refused(&e) {
+            self.stale(receipt)
+        } else {
+            map_error(e)
+        }
+    }
+
     fn gone(&self, receipt: &Receipt) -> Error {
         Error::conflict(format!(
             "delivery {receipt} of queue `{}` is no longer held (acked or dead-lettered)",
@@ -809,8 +826,6 @@ impl ZkQueue {
         ))
     }
 
-    /// Waits until one of the directories a pull saw changes, or `until`.
-    /// A directory that changed since the pull looked ends the wait at once.
     /// The pull itself (see `pull`): stops waiting when its caller left.
     async fn pull_unless_abandoned(
         &self,
@@ -845,6 +860,8 @@ impl ZkQueue {
         }
     }
 
+    /// Waits until one of the directories a pull saw changes, or `until`.
+    /// A directory that changed since the pull looked ends the wait at once.
     async fn wait_for_change(
         &self,
         client: &Client,
@@ -929,10 +946,18 @@ impl Queue for ZkQueue {
                 }
                 Ok(())
             }
-            Err(_) => match self.current(&client, receipt).await {
-                Ok(None) => Ok(()),
-                _ => Err(self.stale(receipt)),
-            },
+            Err(e) => {
+                let e: zookeeper_client::Error = e.into();
+                // Gone now: this ack (its answer lost) or another removed
+                // it. Still held after a lost connection: the error says
+                // so, and acking again is how to find out.
+                match self.current(&client, receipt).await {
+                    Ok(None) => Ok(()),
+                    Err(stale) if stale.kind() == ErrorKind::Conflict => Err(stale),
+                    _ if refused(&e) => Err(self.stale(receipt)),
+                    _ => Err(map_error(e)),
+                }
+            }
         }
     }
 
@@ -970,7 +995,7 @@ impl Queue for ZkQueue {
         }
         match w.commit().await {
             Ok(_) => Ok(()),
-            Err(_) => Err(self.stale(receipt)),
+            Err(e) => Err(self.failed_change(e.into(), receipt)),
         }
     }
 
@@ -992,7 +1017,7 @@ impl Queue for ZkQueue {
         .map_err(map_error)?;
         match w.commit().await {
             Ok(_) => Ok(()),
-            Err(_) => Err(self.stale(receipt)),
+            Err(e) => Err(self.failed_change(e.into(), receipt)),
         }
     }
 
