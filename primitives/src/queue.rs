@@ -6,7 +6,11 @@ use crate::session::Session;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Identifies a pushed message within its queue.
@@ -221,62 +225,96 @@ pub trait Queues: Send + Sync {
 /// Tells a pull run by [`pull_to_the_end`] that its caller stopped waiting
 /// for it.
 #[derive(Clone, Debug)]
-pub struct Abandoned(tokio::sync::watch::Receiver<()>);
+pub struct Abandoned(Arc<AtomicBool>);
 
 impl Abandoned {
     /// Whether the caller stopped waiting.
     pub fn is_set(&self) -> bool {
-        self.0.has_changed().is_err()
+        self.0.load(Ordering::Acquire)
     }
 
-    /// Resolves once the caller stopped waiting (at once if it already
-    /// did); a pull waiting for messages stops waiting then.
+    /// Resolves once the caller stopped waiting; a pull waiting for
+    /// messages selects on it to stop waiting then.
+    ///
+    /// It registers no waker: the flag is set only when the caller drops
+    /// the pull, which then moves into a task of its own, whose first poll
+    /// finds it set.
     pub async fn wait(&self) {
-        let mut rx = self.0.clone();
-        while rx.changed().await.is_ok() {}
+        std::future::poll_fn(|_| {
+            if self.is_set() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
 /// Gives a delivery back; see [`pull_to_the_end`].
 pub type GiveBack = Box<dyn FnOnce(Delivery) -> BoxFuture<'static, ()> + Send>;
 
-/// Runs a backend's pull as a task of its own, so that a caller that
-/// stops waiting for it (drops the future, as a `select!` with a shutdown
-/// signal does) cannot leave a message claimed by nobody, invisible until
-/// its visibility timeout.
+/// Runs a backend's pull so that a caller that stops waiting for it (drops
+/// the future, as a `select!` with a shutdown signal does) cannot leave a
+/// message claimed by nobody, invisible until its visibility timeout.
 ///
-/// The pull gets an [`Abandoned`] to stop waiting for messages early. A
-/// delivery it makes after its caller left (a claim already on its way, or
-/// a message a server delivers for a request it still holds) is handed to
+/// The pull runs in the caller's task while the caller waits. Dropped
+/// before it finished, it moves into a task of its own and goes on with
+/// its [`Abandoned`] set, which tells it to stop waiting for messages. A
+/// delivery it still makes (a claim already on its way, or a message a
+/// server delivers for a request it still holds) is handed to
 /// `give_back`, which nacks it with no delay: the message is visible again
 /// at once, and the delivery counts as an attempt.
-pub async fn pull_to_the_end<F>(
-    pull: impl FnOnce(Abandoned) -> F,
-    give_back: GiveBack,
-) -> Result<Option<Delivery>>
+pub fn pull_to_the_end<F>(pull: impl FnOnce(Abandoned) -> F, give_back: GiveBack) -> PullToTheEnd
 where
-    F: std::future::Future<Output = Result<Option<Delivery>>> + Send + 'static,
+    F: Future<Output = Result<Option<Delivery>>> + Send + 'static,
 {
-    let (left, abandoned) = tokio::sync::watch::channel(());
-    let (answer, answered) = tokio::sync::oneshot::channel();
-    let pulling = pull(Abandoned(abandoned));
-    let give_back = std::sync::Arc::new(std::sync::Mutex::new(Some(give_back)));
-    let task_give_back = give_back.clone();
-    tokio::spawn(async move {
-        if let Err(Ok(Some(delivery))) = answer.send(pulling.await) {
-            give(&task_give_back, delivery).await;
+    let abandoned = Arc::new(AtomicBool::new(false));
+    PullToTheEnd {
+        pulling: Some(Box::pin(pull(Abandoned(abandoned.clone())))),
+        abandoned,
+        give_back: Some(give_back),
+    }
+}
+
+/// The future of [`pull_to_the_end`].
+pub struct PullToTheEnd {
+    /// `None` once it answered.
+    pulling: Option<BoxFuture<'static, Result<Option<Delivery>>>>,
+    abandoned: Arc<AtomicBool>,
+    give_back: Option<GiveBack>,
+}
+
+impl Future for PullToTheEnd {
+    type Output = Result<Option<Delivery>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(pulling) = this.pulling.as_mut() else {
+            return Poll::Ready(Err(Error::unexpected(
+                "a queue pull was polled after it answered",
+            )));
+        };
+        let answer = std::task::ready!(pulling.as_mut().poll(cx));
+        this.pulling = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for PullToTheEnd {
+    fn drop(&mut self) {
+        let Some(pulling) = self.pulling.take() else {
+            return;
+        };
+        self.abandoned.store(true, Ordering::Release);
+        let give_back = self.give_back.take();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let (Ok(Some(delivery)), Some(give_back)) = (pulling.await, give_back) {
+                    give_back(delivery).await;
+                }
+            });
         }
-    });
-    let mut waiting = Waiting {
-        answered,
-        give_back,
-        _left: left,
-    };
-    match (&mut waiting.answered).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::unexpected(
-            "a queue pull's task ended without an answer",
-        )),
     }
 }
 
@@ -294,38 +332,8 @@ pub async fn give_back(queue: &(impl Queue + ?Sized), receipt: &Receipt) {
 
 /// [`give_back`] in the background, for a claim whose answer was lost: a
 /// receipt that never held anything fails its nack harmlessly.
-pub fn give_back_later<Q: Queue + 'static>(queue: Q, receipt: Receipt) {
-    tokio::spawn(async move { give_back(&queue, &receipt).await });
-}
-
-async fn give(give_back: &std::sync::Mutex<Option<GiveBack>>, delivery: Delivery) {
-    let taken = give_back.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(give_back) = taken {
-        give_back(delivery).await;
-    }
-}
-
-/// The caller's side of [`pull_to_the_end`]. Dropped before the answer was
-/// taken, it tells the pull (its watch sender goes) and gives back an
-/// answer that arrived meanwhile.
-struct Waiting {
-    answered: tokio::sync::oneshot::Receiver<Result<Option<Delivery>>>,
-    give_back: std::sync::Arc<std::sync::Mutex<Option<GiveBack>>>,
-    _left: tokio::sync::watch::Sender<()>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        // After `close`, the task's send fails (and it gives the delivery
-        // back itself) unless the answer is already here.
-        self.answered.close();
-        if let Ok(Ok(Some(delivery))) = self.answered.try_recv() {
-            let give_back = self.give_back.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { give(&give_back, delivery).await });
-            }
-        }
-    }
+pub fn give_back_later(queue: Arc<impl Queue + 'static>, receipt: Receipt) {
+    tokio::spawn(async move { give_back(queue.as_ref(), &receipt).await });
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use dprim::queue::{
 use dprim::{Error, Key, Result, Value};
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, TxnOp, TxnOpResponse, WatchOptions};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Marks a claim that nobody holds (a nack with delay).
@@ -68,12 +68,13 @@ impl Queues for EtcdQueues {
         self.etcd
             .call("put", self.etcd.kv().put(marker, Vec::new(), None))
             .await?;
-        Ok(Arc::new(queue))
+        Ok(queue)
     }
 }
 
-#[derive(Clone)]
 struct EtcdQueue {
+    /// This queue, for a pull that outlives its caller (see `pull`).
+    me: Weak<EtcdQueue>,
     etcd: Etcd,
     name: Key,
     messages: Vec<u8>,
@@ -156,15 +157,22 @@ struct Snapshot {
 }
 
 impl EtcdQueue {
-    fn new(etcd: Etcd, name: Key) -> EtcdQueue {
+    fn new(etcd: Etcd, name: Key) -> Arc<EtcdQueue> {
         let messages = etcd.layout.queue_messages(&name);
         let claims = etcd.layout.queue_claims(&name);
-        EtcdQueue {
+        Arc::new_cyclic(|me| EtcdQueue {
+            me: me.clone(),
             etcd,
             name,
             messages,
             claims,
-        }
+        })
+    }
+
+    fn this(&self) -> Result<Arc<EtcdQueue>> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Error::unexpected("an etcd queue was used after it was dropped"))
     }
 
     fn claim_key(&self, message_key: &[u8]) -> Vec<u8> {
@@ -439,7 +447,7 @@ impl EtcdQueue {
                         // lost: nobody would hold it until it timed out.
                         if !e.is_not_applied() {
                             let suffix = String::from_utf8_lossy(suffix);
-                            give_back_later(self.clone(), Receipt(format!("{suffix}.{nonce}")));
+                            give_back_later(self.this()?, Receipt(format!("{suffix}.{nonce}")));
                         }
                         return Err(e);
                     }
@@ -613,10 +621,10 @@ impl Queue for EtcdQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let (this, back) = (self.clone(), self.clone());
+        let (this, back) = (self.this()?, self.this()?);
         pull_to_the_end(
             move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
-            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+            Box::new(move |d| Box::pin(async move { give_back(back.as_ref(), &d.receipt).await })),
         )
         .await
     }

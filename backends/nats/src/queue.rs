@@ -42,7 +42,7 @@ use dprim::queue::{
 };
 use dprim::{Error, ErrorKind, Key, Result, Session, Value};
 use futures::StreamExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -104,21 +104,19 @@ impl Queues for NatsQueues {
                 None,
             )
             .await?;
-        Ok(Arc::new(
-            NatsQueue::open(self.nats.clone(), name.clone()).await?,
-        ))
+        Ok(NatsQueue::open(self.nats.clone(), name.clone()).await?)
     }
 }
 
-/// Clones share what they cache (a pull runs on a clone, see `pull`).
-#[derive(Clone)]
 pub(crate) struct NatsQueue {
+    /// This queue, for a pull that outlives its caller (see `pull`).
+    me: Weak<NatsQueue>,
     nats: Nats,
     name: Key,
     subject: String,
     consumer: PullConsumer,
     /// When the feeders were last found absent.
-    no_feeders_at: Arc<Mutex<Option<Instant>>>,
+    no_feeders_at: Mutex<Option<Instant>>,
 }
 
 fn now_ms() -> i64 {
@@ -161,7 +159,7 @@ impl Claim {
 }
 
 impl NatsQueue {
-    async fn open(nats: Nats, name: Key) -> Result<NatsQueue> {
+    async fn open(nats: Nats, name: Key) -> Result<Arc<NatsQueue>> {
         let subject = nats.layout.queue_messages(&name);
         let durable = format!("q{}", hash(&subject));
         let config = PullConfig {
@@ -180,13 +178,20 @@ impl NatsQueue {
                 nats.queues.get_or_create_consumer(&durable, config),
             )
             .await?;
-        Ok(NatsQueue {
+        Ok(Arc::new_cyclic(|me| NatsQueue {
+            me: me.clone(),
             nats,
             name,
             subject,
             consumer,
-            no_feeders_at: Arc::default(),
-        })
+            no_feeders_at: Mutex::new(None),
+        }))
+    }
+
+    fn this(&self) -> Result<Arc<NatsQueue>> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Error::unexpected("a NATS queue was used after it was dropped"))
     }
 
     fn claim_subject(&self, seq: u64) -> String {
@@ -290,7 +295,7 @@ impl NatsQueue {
                             // have been written with the answer lost):
                             // give it back rather than wait out AckWait.
                             if let Some(reply) = reply {
-                                let this = self.clone();
+                                let this = self.this()?;
                                 tokio::spawn(async move {
                                     let _ = dprim::retry::RetryPolicy::default()
                                         .run(|| this.nak(&reply, Duration::ZERO))
@@ -609,10 +614,10 @@ impl Queue for NatsQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let (this, back) = (self.clone(), self.clone());
+        let (this, back) = (self.this()?, self.this()?);
         pull_to_the_end(
             move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
-            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+            Box::new(move |d| Box::pin(async move { give_back(back.as_ref(), &d.receipt).await })),
         )
         .await
     }

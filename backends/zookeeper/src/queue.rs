@@ -35,7 +35,7 @@ use dprim::queue::{
 };
 use dprim::{Error, ErrorKind, Key, Result, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use zookeeper_client::{
     Client, CreateMode, MultiReadResult, MultiWriteError, MultiWriteResult, Stat,
@@ -176,13 +176,13 @@ impl Queues for ZkQueues {
         let dlq = ZkQueue::new(self.zk.clone(), effective.dead_letter_for(name)?);
         let marker = format!("{}/!f/{}", dlq.dir, flat(name));
         self.zk.mkdirs(&client, &marker).await?;
-        Ok(Arc::new(queue))
+        Ok(queue)
     }
 }
 
-/// Clones share the tail cache (a pull runs on a clone, see `pull`).
-#[derive(Clone)]
 struct ZkQueue {
+    /// This queue, for a pull that outlives its caller (see `pull`).
+    me: Weak<ZkQueue>,
     zk: Zk,
     name: Key,
     dir: String,
@@ -190,9 +190,9 @@ struct ZkQueue {
     claims: String,
     markers: String,
     /// The bucket this handle pushes to, once looked up.
-    tail: Arc<Mutex<Option<u64>>>,
+    tail: Mutex<Option<u64>>,
     /// Held while looking the tail up, so concurrent pushes look once.
-    finding_tail: Arc<tokio::sync::Mutex<()>>,
+    finding_tail: tokio::sync::Mutex<()>,
 }
 
 /// Whether a `multi` failed because one of its conditions did not hold
@@ -269,18 +269,25 @@ impl Idle {
 }
 
 impl ZkQueue {
-    fn new(zk: Zk, name: Key) -> ZkQueue {
+    fn new(zk: Zk, name: Key) -> Arc<ZkQueue> {
         let dir = zk.layout().queue(&name);
-        ZkQueue {
+        Arc::new_cyclic(|me| ZkQueue {
+            me: me.clone(),
             messages: format!("{dir}/!m"),
             claims: format!("{dir}/!c"),
             markers: format!("{dir}/!l"),
             dir,
             zk,
             name,
-            tail: Arc::default(),
-            finding_tail: Arc::default(),
-        }
+            tail: Mutex::new(None),
+            finding_tail: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn this(&self) -> Result<Arc<ZkQueue>> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Error::unexpected("a zookeeper queue was used after it was dropped"))
     }
 
     fn options_path(&self) -> String {
@@ -758,7 +765,7 @@ impl ZkQueue {
                     // The claim may have been made with its answer lost:
                     // nobody would hold it until it timed out.
                     if !e.is_not_applied() {
-                        give_back_later(self.clone(), Receipt(format!("{}.{nonce}", place.id())));
+                        give_back_later(self.this()?, Receipt(format!("{}.{nonce}", place.id())));
                     }
                     Err(e)
                 }
@@ -921,10 +928,10 @@ impl Queue for ZkQueue {
         if let Some(s) = &options.session {
             s.check()?;
         }
-        let (this, back) = (self.clone(), self.clone());
+        let (this, back) = (self.this()?, self.this()?);
         pull_to_the_end(
             move |abandoned| async move { this.pull_unless_abandoned(options, abandoned).await },
-            Box::new(move |d| Box::pin(async move { give_back(&back, &d.receipt).await })),
+            Box::new(move |d| Box::pin(async move { give_back(back.as_ref(), &d.receipt).await })),
         )
         .await
     }
