@@ -1,7 +1,7 @@
 //! The one place NATS errors become dprim errors.
 
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use async_nats::ConnectErrorKind;
 use dprim::{Error, ErrorKind};
 use std::time::Duration;
@@ -32,6 +32,12 @@ where
         match d.kind() {
             DirectGetErrorKind::NotFound => ErrorKind::NotFound,
             DirectGetErrorKind::TimedOut | DirectGetErrorKind::Request => ErrorKind::Unavailable,
+            _ => classify(&lower),
+        }
+    } else if let Some(l) = any.downcast_ref::<async_nats::jetstream::stream::LastRawMessageError>()
+    {
+        match l.kind() {
+            LastRawMessageErrorKind::NoMessageFound => ErrorKind::NotFound,
             _ => classify(&lower),
         }
     } else if let Some(c) = any.downcast_ref::<async_nats::ConnectError>() {

@@ -106,10 +106,20 @@ impl Nats {
 
     /// The last message of `subject`, deleted or not; `None` if there is none.
     pub(crate) async fn last_any(&self, subject: &str) -> Result<Option<Record>> {
-        match self
+        let read = match self
             .call("get", self.kv.direct_get_last_for_subject(subject))
             .await
         {
+            // Nobody serves direct gets at this moment (the replicas of a
+            // stream just created, or catching up, have not subscribed
+            // yet): the stream's leader answers the same read.
+            Err(e) if e.kind() == ErrorKind::Unavailable && e.is_not_applied() => {
+                self.call("get", self.kv.get_last_raw_message_by_subject(subject))
+                    .await
+            }
+            read => read,
+        };
+        match read {
             Ok(m) => Ok(Some(Record {
                 subject: m.subject.to_string(),
                 seq: m.sequence,

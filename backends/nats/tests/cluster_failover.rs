@@ -44,6 +44,27 @@ fn stream_leader(stream: &str) -> Option<String> {
     None
 }
 
+/// Runs `f` until it succeeds, for at most 30 s while it fails with a
+/// temporary error: a cluster just started answers health checks before it
+/// has elected its JetStream meta leader and its streams' leaders.
+async fn ready<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = dprim::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(t) => return t,
+            Err(e) if e.is_temporary() && Instant::now() < deadline => {
+                println!("{what}: cluster not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_and_kv_survive_stream_leader_kills() {
     let servers = support::Servers::new("failover", 14222);
@@ -52,27 +73,16 @@ async fn queue_and_kv_survive_stream_leader_kills() {
         "[backend]\nkind = \"nats\"\nendpoints = [\"127.0.0.1:14222\", \"127.0.0.1:24222\", \"127.0.0.1:34222\"]\nnamespace = \"failover\"\nrequest_timeout = \"2s\"\n",
     )
     .unwrap();
-    // The members answer health checks before they have elected a
-    // JetStream meta leader; until then creating streams is refused.
-    let producer = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match dprim_nats::connect(&config.backend).await {
-                Ok(b) => break b,
-                Err(e) if e.is_temporary() && Instant::now() < deadline => {
-                    println!("cluster not ready yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("connect to the cluster: {e}"),
-            }
-        }
-    };
+    let producer = ready("connect", || dprim_nats::connect(&config.backend)).await;
     let options = dprim::QueueOptions {
         max_attempts: 1000,
         dead_letter: None,
     };
     let name = dprim::Key::new("jobs").unwrap();
-    let q = producer.queues().open(&name, Some(options)).await.unwrap();
+    let q = ready("open the queue", || {
+        producer.queues().open(&name, Some(options.clone()))
+    })
+    .await;
 
     let acked_pushes: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let delivered: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
@@ -81,8 +91,8 @@ async fn queue_and_kv_survive_stream_leader_kills() {
 
     let mut consumers = Vec::new();
     for c in 0..2 {
-        let backend = dprim_nats::connect(&config.backend).await.unwrap();
-        let q = backend.queues().open(&name, None).await.unwrap();
+        let backend = ready("connect", || dprim_nats::connect(&config.backend)).await;
+        let q = ready("open the queue", || backend.queues().open(&name, None)).await;
         let (acked_pushes, delivered, done) = (
             acked_pushes.clone(),
             delivered.clone(),
@@ -196,7 +206,7 @@ async fn queue_and_kv_survive_stream_leader_kills() {
 
     let mut clients = Vec::new();
     for _ in 0..3 {
-        clients.push(dprim_nats::connect(&config.backend).await.unwrap());
+        clients.push(ready("connect", || dprim_nats::connect(&config.backend)).await);
     }
     let racers = tokio::spawn(race(
         clients,
