@@ -109,16 +109,3 @@ fn classify(lower: &str) -> ErrorKind {
 pub(crate) fn timed_out(what: &str, after: Duration) -> Error {
     Error::timeout(format!("NATS {what} did not answer within {after:?}")).temporary()
 }
-
-/// A boxed client error (what some async-nats streams yield), so it goes
-/// through [`map_error`] like any other.
-#[derive(Debug)]
-pub(crate) struct Boxed(pub(crate) Box<dyn std::error::Error + Send + Sync>);
-
-impl std::fmt::Display for Boxed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for Boxed {}

@@ -26,14 +26,14 @@
 //!   vanishes every client's reaper releases it too, which brings back the
 //!   deliveries of a crashed or partitioned consumer.
 
-use crate::error::Boxed;
 use crate::layout::hash;
 use crate::store::{owned, Record};
 use crate::Nats;
-use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::pull::{BatchConfig, Config as PullConfig};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::AckKind;
 use async_nats::HeaderMap;
+use async_nats::StatusCode;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dprim::queue::{
@@ -232,37 +232,110 @@ impl NatsQueue {
         ))
     }
 
-    /// Fetches one message, waiting up to `wait`.
-    async fn fetch(&self, wait: Duration) -> Result<Option<async_nats::jetstream::Message>> {
-        let batch = if wait < Duration::from_millis(10) {
-            self.nats
-                .call("pull", self.consumer.fetch().max_messages(1).messages())
-                .await?
+    /// Fetches one message, waiting up to `wait`; `None` if none came, or
+    /// if `abandoned` was set while the request waited.
+    ///
+    /// The request's inbox is this pull's own subscription, so that giving
+    /// up loses nothing: the subscription is drained (unsubscribed, then a
+    /// round trip), which takes every message the server sent before it
+    /// dropped the request, and each is given back. Just dropping the
+    /// subscription would lose one in flight (invisible for AckWait);
+    /// keeping the request until it expires would let it take messages
+    /// arriving meanwhile, costing each an attempt.
+    async fn fetch(
+        &self,
+        wait: Duration,
+        abandoned: &Abandoned,
+    ) -> Result<Option<async_nats::jetstream::Message>> {
+        let client = &self.nats.client;
+        let inbox = async_nats::Subject::from(client.new_inbox());
+        let mut inbox_messages = self
+            .nats
+            .call("pull", client.subscribe(inbox.clone()))
+            .await?;
+        let request = if wait < Duration::from_millis(10) {
+            BatchConfig {
+                batch: 1,
+                no_wait: true,
+                ..Default::default()
+            }
         } else {
-            self.nats
-                .call(
-                    "pull",
-                    self.consumer
-                        .batch()
-                        .max_messages(1)
-                        .expires(wait)
-                        .messages(),
-                )
-                .await?
+            BatchConfig {
+                batch: 1,
+                expires: Some(wait),
+                ..Default::default()
+            }
         };
-        let mut batch = Box::pin(batch);
-        let limit = wait + self.nats.request_timeout;
-        match tokio::time::timeout(limit, batch.next()).await {
-            Ok(Some(Ok(m))) => Ok(Some(m)),
-            Ok(Some(Err(e))) => Err(crate::error::map_error("pull", Boxed(e))),
-            Ok(None) | Err(_) => Ok(None),
+        self.nats
+            .call("pull", self.consumer.request_batch(request, inbox))
+            .await?;
+        let limit = tokio::time::sleep(wait + self.nats.request_timeout);
+        tokio::pin!(limit);
+        loop {
+            let answer = tokio::select! {
+                biased;
+                answer = inbox_messages.next() => answer,
+                _ = abandoned.wait() => {
+                    self.give_up(inbox_messages).await;
+                    return Ok(None);
+                }
+                _ = &mut limit => return Ok(None),
+            };
+            let Some(message) = answer else {
+                return Ok(None);
+            };
+            match message.status.unwrap_or(StatusCode::OK) {
+                StatusCode::OK => {
+                    return Ok(Some(async_nats::jetstream::Message {
+                        message,
+                        context: self.nats.js.clone(),
+                    }))
+                }
+                StatusCode::IDLE_HEARTBEAT => continue,
+                // No message now (no wait), or the request expired.
+                StatusCode::NOT_FOUND | StatusCode::TIMEOUT => return Ok(None),
+                status => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "NATS pull from queue `{}`: the server answered {status} {}",
+                            self.name,
+                            message.description.unwrap_or_default()
+                        ),
+                    )
+                    .temporary())
+                }
+            }
         }
     }
 
-    /// The pull itself (see `pull`). A fetch is not given up when its
-    /// caller leaves: the server holds the request until it expires and
-    /// would deliver a message arriving meanwhile to nobody, invisible for
-    /// AckWait. Such a message is given back at once instead.
+    /// Drains a fetch's inbox after its caller left and gives back every
+    /// message the server had sent to it.
+    async fn give_up(&self, mut inbox_messages: async_nats::Subscriber) {
+        if inbox_messages.drain().await.is_err() {
+            return;
+        }
+        let limit = tokio::time::sleep(self.nats.request_timeout);
+        tokio::pin!(limit);
+        loop {
+            let message = tokio::select! {
+                m = inbox_messages.next() => m,
+                _ = &mut limit => return,
+            };
+            let Some(message) = message else { return };
+            if message.status.is_none() {
+                if let Some(reply) = &message.reply {
+                    let _ = self.nak(reply, Duration::ZERO).await;
+                }
+            }
+        }
+    }
+
+    /// The pull itself (see `pull`). When its caller leaves, a fetch still
+    /// waiting is given up (see `fetch`): keeping it until it expires would
+    /// let it take and give back messages arriving meanwhile, costing each
+    /// an attempt per pull dropped while waiting, which a worker that drops
+    /// its pull on every tick of a timer would turn into dead letters.
     async fn pull_unless_abandoned(
         &self,
         options: PullOptions,
@@ -278,7 +351,7 @@ impl NatsQueue {
             if let Some(at) = next_sweep {
                 wait = wait.min(Duration::from_millis((at - now_ms()).max(0) as u64 + 20));
             }
-            match self.fetch(wait).await? {
+            match self.fetch(wait, &abandoned).await? {
                 Some(m) if abandoned.is_set() => {
                     if let Some(reply) = &m.reply {
                         self.nak(reply, Duration::ZERO).await?;
