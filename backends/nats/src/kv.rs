@@ -95,7 +95,7 @@ impl Kv for NatsKv {
                     match write(Some(expect)).await {
                         Ok(seq) => break seq,
                         Err(e) if e.kind() == ErrorKind::Conflict => {
-                            match self.nats.last_any(&subject).await? {
+                            match self.nats.last_any_from_leader(&subject).await? {
                                 Some(r) if r.is_deleted() && r.seq != expect => expect = r.seq,
                                 None if expect != 0 => expect = 0,
                                 Some(r) if !r.is_deleted() => {
@@ -140,7 +140,9 @@ impl Kv for NatsKv {
                 }
             }
             Precondition::None => loop {
-                let Some(current) = self.nats.last(&subject).await? else {
+                // From the leader: "nothing to delete" must be true now.
+                let current = self.nats.last_any_from_leader(&subject).await?;
+                let Some(current) = current.filter(|r| !r.is_deleted()) else {
                     return Ok(false);
                 };
                 match self.nats.delete_marker(&subject, Some(current.seq)).await {

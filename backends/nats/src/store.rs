@@ -91,6 +91,23 @@ pub(crate) fn owned(session: Option<u64>) -> HeaderMap {
     h
 }
 
+/// The record a read of a subject's last message found; `None` if the
+/// subject has none.
+fn record_of(
+    read: Result<async_nats::jetstream::message::StreamMessage>,
+) -> Result<Option<Record>> {
+    match read {
+        Ok(m) => Ok(Some(Record {
+            subject: m.subject.to_string(),
+            seq: m.sequence,
+            payload: m.payload,
+            headers: Some(m.headers),
+        })),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Nats {
     /// Awaits `f` for at most the request timeout, mapping errors.
     pub(crate) async fn call<T, E, F>(&self, what: &str, f: F) -> Result<T>
@@ -106,7 +123,7 @@ impl Nats {
 
     /// The last message of `subject`, deleted or not; `None` if there is none.
     pub(crate) async fn last_any(&self, subject: &str) -> Result<Option<Record>> {
-        let read = match self
+        match self
             .call("get", self.kv.direct_get_last_for_subject(subject))
             .await
         {
@@ -114,21 +131,22 @@ impl Nats {
             // stream just created, or catching up, have not subscribed
             // yet): the stream's leader answers the same read.
             Err(e) if e.kind() == ErrorKind::Unavailable && e.is_not_applied() => {
-                self.call("get", self.kv.get_last_raw_message_by_subject(subject))
-                    .await
+                self.last_any_from_leader(subject).await
             }
-            read => read,
-        };
-        match read {
-            Ok(m) => Ok(Some(Record {
-                subject: m.subject.to_string(),
-                seq: m.sequence,
-                payload: m.payload,
-                headers: Some(m.headers),
-            })),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            read => record_of(read),
         }
+    }
+
+    /// Like `last_any`, read from the stream's leader. A direct get may be
+    /// answered by a replica that trails the leader, so a decision taken on
+    /// its answer (the key exists, the key is gone) may have been false
+    /// since before the read began; what a conditional write was just
+    /// refused for is read here.
+    pub(crate) async fn last_any_from_leader(&self, subject: &str) -> Result<Option<Record>> {
+        record_of(
+            self.call("get", self.kv.get_last_raw_message_by_subject(subject))
+                .await,
+        )
     }
 
     /// The live record of `subject`; `None` if missing or deleted.
