@@ -95,6 +95,13 @@ fn config_at(kind: &str, endpoint: impl std::fmt::Display, case: &str) -> Config
     .unwrap()
 }
 
+/// A client of `kind`'s server that no proxy stands in front of.
+async fn direct(kind: &str, case: &str) -> dprim::Backend {
+    dprim_runtime::open_config(&config_at(kind, server(kind), case))
+        .await
+        .unwrap()
+}
+
 /// A proxy to `kind`'s server, and a config reaching the server through it.
 async fn proxied(kind: &str, case: &str) -> (TcpProxy, Config) {
     let proxy = TcpProxy::start(server(kind)).await.unwrap();
@@ -467,9 +474,7 @@ const WATCHED_WRITES: u64 = 300;
 
 async fn watch_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "watch").await;
-    let writer = dprim_runtime::open_config(&config_at(kind, server(kind), "watch"))
-        .await
-        .unwrap();
+    let writer = direct(kind, "watch").await;
     let watcher = dprim_runtime::open_config(&config).await.unwrap();
     let dir = Key::new("w").unwrap();
     let start = watcher
@@ -585,9 +590,7 @@ const BATCH: u32 = 20;
 
 async fn pubsub_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "pubsub").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "pubsub"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "pubsub").await;
     let publisher = dprim_runtime::open_config(&config).await.unwrap();
     let topic = Key::new("numbers").unwrap();
     let (done_tx, done) = tokio::sync::watch::channel(false);
@@ -698,9 +701,7 @@ async fn numbers(
 
 async fn sessions_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "sessions").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "sessions"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "sessions").await;
     let holder = dprim_runtime::open_config(&config).await.unwrap();
     let mut held = Vec::new();
     for i in 0..3 {
@@ -806,9 +807,7 @@ async fn sessions_through_cuts(kind: &str) {
 /// lost the lock or the leadership before the other client gets it.
 async fn partitioned_holder(kind: &str) {
     let (proxy, config) = proxied(kind, "partition").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "partition").await;
     let holder = dprim_runtime::open_config(&config).await.unwrap();
     let (lock, election) = (
         Key::new("the-lock").unwrap(),
@@ -881,9 +880,7 @@ async fn partitioned_holder(kind: &str) {
 /// heal, fails instead of removing the message the other one now holds.
 async fn partitioned_consumer(kind: &str) {
     let (proxy, config) = proxied(kind, "partition-queue").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-queue"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "partition-queue").await;
     let name = Key::new("jobs").unwrap();
     let outside = direct.queues().open(&name, None).await.unwrap();
     outside
@@ -1054,9 +1051,7 @@ async fn long_partition(kind: &str) {
 /// heals the cut-off agent kills its own, replaced, run. One run is left.
 async fn partitioned_agent(kind: &str) {
     let (proxy, config) = proxied(kind, "partition-agent").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-agent"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "partition-agent").await;
     let (stop, _) = tokio::sync::watch::channel(false);
     let work = support::temp_dir("cut", &format!("agent-{kind}"));
     let supervisor = support::supervisor(&direct, Duration::from_secs(2));
@@ -1148,9 +1143,7 @@ async fn partitioned_agent(kind: &str) {
 /// exactly once and finishes.
 async fn partitioned_supervisor(kind: &str) {
     let (proxy, config) = proxied(kind, "partition-supervisor").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-supervisor"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "partition-supervisor").await;
     let (stop, _) = tokio::sync::watch::channel(false);
     let work = support::temp_dir("cut", &format!("supervisor-{kind}"));
     let runs = work.join("runs");
@@ -1226,9 +1219,7 @@ async fn partitioned_supervisor(kind: &str) {
 /// is unknown names its task, which a read then finds or not.
 async fn launches_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "launches").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "launches"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "launches").await;
     let cut_off = dprim_runtime::open_config(&config).await.unwrap();
     let launching = tokio::spawn(async move {
         let client = dprim_runtime::tasks::client::TasksClient::new(cut_off);
@@ -1280,9 +1271,7 @@ async fn launches_through_cuts(kind: &str) {
 /// soon after, not at the end of its own timeout.
 async fn partitioned_waiters(kind: &str) {
     let (proxy, config) = proxied(kind, "partition-waiters").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "partition-waiters"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "partition-waiters").await;
     let (lock, election) = (
         Key::new("the-lock").unwrap(),
         Key::new("the-election").unwrap(),
@@ -1356,9 +1345,7 @@ async fn partitioned_waiters(kind: &str) {
 async fn task_watch_through_cuts(kind: &str) {
     use futures::StreamExt;
     let (proxy, config) = proxied(kind, "task-watch").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "task-watch"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "task-watch").await;
     let (stop, _) = tokio::sync::watch::channel(false);
     let work = support::temp_dir("cut", &format!("task-watch-{kind}"));
     let supervisor = support::supervisor(&direct, Duration::from_secs(60));
@@ -1487,9 +1474,7 @@ fn killed(n: usize) -> bool {
 
 async fn tasks_through_cuts(kind: &str) {
     let (proxy, config) = proxied(kind, "tasks").await;
-    let direct = dprim_runtime::open_config(&config_at(kind, server(kind), "tasks"))
-        .await
-        .unwrap();
+    let direct = direct(kind, "tasks").await;
     let (stop, _) = tokio::sync::watch::channel(false);
     let work = support::temp_dir("cut", &format!("tasks-{kind}"));
     let runs = work.join("runs");

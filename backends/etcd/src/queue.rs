@@ -445,9 +445,9 @@ impl EtcdQueue {
                     Err(e) => {
                         // The claim may have been made with its answer
                         // lost: nobody would hold it until it timed out.
-                        if !e.is_not_applied() {
+                        if let (false, Ok(queue)) = (e.is_not_applied(), self.this()) {
                             let suffix = String::from_utf8_lossy(suffix);
-                            give_back_later(self.this()?, Receipt(format!("{suffix}.{nonce}")));
+                            give_back_later(queue, Receipt(format!("{suffix}.{nonce}")));
                         }
                         return Err(e);
                     }

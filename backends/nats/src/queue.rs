@@ -367,8 +367,7 @@ impl NatsQueue {
                             // Nobody holds the message now (its claim may
                             // have been written with the answer lost):
                             // give it back rather than wait out AckWait.
-                            if let Some(reply) = reply {
-                                let this = self.this()?;
+                            if let (Some(reply), Ok(this)) = (reply, self.this()) {
                                 tokio::spawn(async move {
                                     let _ = dprim::retry::RetryPolicy::default()
                                         .run(|| this.nak(&reply, Duration::ZERO))

@@ -764,8 +764,8 @@ impl ZkQueue {
                     let e = map_error(e);
                     // The claim may have been made with its answer lost:
                     // nobody would hold it until it timed out.
-                    if !e.is_not_applied() {
-                        give_back_later(self.this()?, Receipt(format!("{}.{nonce}", place.id())));
+                    if let (false, Ok(queue)) = (e.is_not_applied(), self.this()) {
+                        give_back_later(queue, Receipt(format!("{}.{nonce}", place.id())));
                     }
                     Err(e)
                 }
