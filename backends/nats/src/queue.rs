@@ -435,11 +435,19 @@ impl NatsQueue {
     }
 
     async fn payload_of(&self, seq: u64) -> Result<Option<Bytes>> {
-        match self
+        let read = match self
             .nats
             .call("get", self.nats.queues.direct_get(seq))
             .await
         {
+            Err(e) if crate::store::nobody_serves_direct_gets(&e) => {
+                self.nats
+                    .call("get", self.nats.queues.get_raw_message(seq))
+                    .await
+            }
+            read => read,
+        };
+        match read {
             Ok(m) => Ok(Some(m.payload)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

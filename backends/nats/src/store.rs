@@ -108,6 +108,14 @@ fn record_of(
     }
 }
 
+/// Whether a direct get failed because nobody serves direct gets of the
+/// stream at this moment: the replicas of a stream just created, or
+/// catching up, have not subscribed yet ("no responders"). The stream's
+/// leader then answers the same read as a plain message get.
+pub(crate) fn nobody_serves_direct_gets(e: &Error) -> bool {
+    e.kind() == ErrorKind::Unavailable && e.is_not_applied()
+}
+
 impl Nats {
     /// Awaits `f` for at most the request timeout, mapping errors.
     pub(crate) async fn call<T, E, F>(&self, what: &str, f: F) -> Result<T>
@@ -127,12 +135,8 @@ impl Nats {
             .call("get", self.kv.direct_get_last_for_subject(subject))
             .await
         {
-            // Nobody serves direct gets at this moment (the replicas of a
-            // stream just created, or catching up, have not subscribed
-            // yet): the stream's leader answers the same read.
-            Err(e) if e.kind() == ErrorKind::Unavailable && e.is_not_applied() => {
-                self.last_any_from_leader(subject).await
-            }
+            // The stream's leader answers the same read.
+            Err(e) if nobody_serves_direct_gets(&e) => self.last_any_from_leader(subject).await,
             read => record_of(read),
         }
     }
@@ -335,10 +339,20 @@ impl Nats {
     /// full subject whose oldest message is newer than `after` may have
     /// lost some (or may have had exactly `HISTORY` changes since): `false`.
     pub(crate) async fn history_intact(&self, subject: &str, after: u64) -> Result<bool> {
-        let oldest = match self
+        let read = match self
             .call("watch", self.kv.direct_get_first_for_subject(subject))
             .await
         {
+            Err(e) if nobody_serves_direct_gets(&e) => {
+                self.call(
+                    "watch",
+                    self.kv.get_first_raw_message_by_subject(subject, 1),
+                )
+                .await
+            }
+            read => read,
+        };
+        let oldest = match read {
             Ok(m) => m,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(true),
             Err(e) => return Err(e),
