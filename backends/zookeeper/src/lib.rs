@@ -9,8 +9,9 @@
 //! - `kv`: Kv on znodes (mzxid as version, multi for CAS and transactions, a
 //!   change log so watches deliver every change with its value).
 //! - `session`: each dprim session is its own ZooKeeper session.
-//! - `line`: the ephemeral-sequential waiting line behind locks and
-//!   elections (each waiter watches only its predecessor: no herd).
+//! - `line`: the ephemeral-sequential waiting line behind locks,
+//!   elections (each waiter watches only its predecessor: no herd) and a
+//!   queue's waiting pulls.
 //! - `lock`, `election`, `pubsub`, `queue`: the other primitives.
 #![deny(missing_docs)]
 

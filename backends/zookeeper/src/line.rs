@@ -46,9 +46,21 @@ impl Line {
         &self.dir
     }
 
-    /// Joins the end of the line.
+    /// Joins the end of the line, as a node of `session`.
     pub(crate) async fn join(&self, session: &Session, value: &[u8]) -> Result<Place> {
         let client = self.zk.session_client(session)?;
+        self.join_through(client, session.id().0 as i64, value)
+            .await
+    }
+
+    /// Joins the end of the line as a node of the session of `client`,
+    /// whose id is `owner`.
+    pub(crate) async fn join_through(
+        &self,
+        client: Client,
+        owner: i64,
+        value: &[u8],
+    ) -> Result<Place> {
         let options = self.zk.options(CreateMode::EphemeralSequential);
         // ZooKeeper names the node: the random part lets this client find
         // it again if the create's answer is lost.
@@ -70,7 +82,7 @@ impl Line {
                         path: format!("{prefix}{seq}"),
                         seq: seq.into_i64(),
                         czxid: stat.czxid,
-                        owner: session.id().0 as i64,
+                        owner,
                     });
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -159,6 +171,25 @@ impl Line {
             .into_iter()
             .rfind(|(s, _)| *s < place.seq)
             .map(|(_, p)| p))
+    }
+
+    /// The (at most) `count` places just ahead of `place`, nearest last;
+    /// `None` if `place` is no longer in line (its session ended).
+    pub(crate) async fn nearest_ahead(
+        &self,
+        place: &Place,
+        count: usize,
+    ) -> Result<Option<Vec<String>>> {
+        let members = self.members().await?;
+        let Some(at) = members.iter().position(|(s, _)| *s == place.seq) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            members[at.saturating_sub(count)..at]
+                .iter()
+                .map(|(_, p)| p.clone())
+                .collect(),
+        ))
     }
 
     /// Whether `place` still exists and belongs to its session.

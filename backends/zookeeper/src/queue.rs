@@ -24,9 +24,16 @@
 //! dead-letter sweep reads the markers of its feeders, not their backlogs.
 //! Visibility deadlines are wall-clock milliseconds: consumers' clocks should
 //! agree to well under a visibility timeout (NTP-level).
+//!
+//! A pull that finds nothing to take waits in the queue's line of waiting
+//! pulls, an ephemeral-sequential znode under `!w` of the backend's own
+//! session (see `wait_for_turn`): only the first [`WATCHING_WAITERS`]
+//! watch the queue's directories, so a push, claim or ack wakes that many
+//! waiting pulls, not all of them.
 
 use crate::error::map_error;
 use crate::layout::sequence;
+use crate::line::{LeaveOnDrop, Line, Place as LinePlace};
 use crate::Zk;
 use async_trait::async_trait;
 use dprim::queue::{
@@ -132,6 +139,7 @@ impl Queues for ZkQueues {
         self.zk.mkdirs(&client, &queue.messages).await?;
         self.zk.mkdirs(&client, &queue.claims).await?;
         self.zk.mkdirs(&client, &queue.markers).await?;
+        self.zk.mkdirs(&client, queue.waiters.dir()).await?;
         let effective = match options {
             Some(options) => {
                 options.validate(name)?;
@@ -189,6 +197,8 @@ struct ZkQueue {
     messages: String,
     claims: String,
     markers: String,
+    /// The pulls waiting for a message (see `wait_for_turn`).
+    waiters: Line,
     /// The bucket this handle pushes to, once looked up.
     tail: Mutex<Option<u64>>,
     /// Held while looking the tail up, so concurrent pushes look once.
@@ -276,6 +286,7 @@ impl ZkQueue {
             messages: format!("{dir}/!m"),
             claims: format!("{dir}/!c"),
             markers: format!("{dir}/!l"),
+            waiters: Line::new(zk.clone(), format!("{dir}/!w")),
             dir,
             zk,
             name,
@@ -840,6 +851,9 @@ impl ZkQueue {
         abandoned: Abandoned,
     ) -> Result<Option<Delivery>> {
         let deadline = tokio::time::Instant::now() + options.wait;
+        // This pull's place among the waiting ones, once it waited; left
+        // (in the background) however the pull ends.
+        let mut waiting: Option<LeaveOnDrop> = None;
         loop {
             if abandoned.is_set() {
                 return Ok(None);
@@ -859,10 +873,91 @@ impl ZkQueue {
                 }
                 None => deadline,
             };
+            if waiting.is_none() {
+                waiting = self.join_waiters().await;
+            }
             let client = self.zk.client().await?;
+            let place = waiting.as_ref().and_then(|w| w.place());
             tokio::select! {
-                _ = self.wait_for_change(&client, &idle.dirs, until) => {}
+                // A waiter not watching the queue has no use for the
+                // moment a held message becomes visible: those watching do.
+                turn = self.wait_for_turn(&client, place, deadline) => {
+                    if turn == Turn::OutOfLine {
+                        waiting = None;
+                    }
+                    self.wait_for_change(&client, &idle.dirs, until).await;
+                }
                 _ = abandoned.wait() => return Ok(None),
+            }
+        }
+    }
+
+    /// Takes a place among the waiting pulls, through the backend's own
+    /// session; `None` if that fails, and the pull then watches the queue
+    /// itself.
+    async fn join_waiters(&self) -> Option<LeaveOnDrop> {
+        let joined = async {
+            let client = self.zk.client().await?;
+            let owner = client.session_id().0;
+            self.waiters.join_through(client, owner, &[]).await
+        };
+        match joined.await {
+            Ok(place) => Some(LeaveOnDrop::new(self.waiters.clone(), place)),
+            Err(e) => {
+                tracing::debug!(error = %e, queue = %self.name, "joining the waiting pulls failed; watching the queue directly");
+                None
+            }
+        }
+    }
+
+    /// Waits until `place` is among the first [`WATCHING_WAITERS`] waiting
+    /// pulls, which are the ones that watch the queue, or until `deadline`.
+    ///
+    /// The others each watch the (at most) [`WATCHING_WAITERS`] places
+    /// just ahead of them, so a push, claim or ack wakes those few pulls
+    /// instead of every waiting one (the herd effect), and a waiter that
+    /// leaves wakes at most that many behind it. More than one watches the
+    /// queue so that a waiter whose process died, whose place stays until
+    /// its session expires, does not stop the pulls behind it.
+    async fn wait_for_turn(
+        &self,
+        client: &Client,
+        place: Option<&LinePlace>,
+        deadline: tokio::time::Instant,
+    ) -> Turn {
+        let Some(place) = place else {
+            return Turn::Watching;
+        };
+        loop {
+            let ahead = match self.waiters.nearest_ahead(place, WATCHING_WAITERS).await {
+                Ok(Some(ahead)) => ahead,
+                // Its session ended: this pull watches the queue itself
+                // and joins again.
+                Ok(None) => return Turn::OutOfLine,
+                Err(_) => return Turn::Watching,
+            };
+            if ahead.len() < WATCHING_WAITERS {
+                return Turn::Watching;
+            }
+            let mut watchers = Vec::with_capacity(ahead.len());
+            for path in &ahead {
+                match self
+                    .zk
+                    .call("exists", client.check_and_watch_stat(path))
+                    .await
+                {
+                    Ok((Some(_), watcher)) => watchers.push(Box::pin(watcher.changed())),
+                    // Left meanwhile: look at the line again.
+                    Ok((None, _)) => break,
+                    Err(_) => return Turn::Watching,
+                }
+            }
+            if watchers.len() < ahead.len() {
+                continue;
+            }
+            tokio::select! {
+                _ = futures::future::select_all(watchers) => {}
+                _ = tokio::time::sleep_until(deadline) => return Turn::Watching,
             }
         }
     }
@@ -897,6 +992,18 @@ impl ZkQueue {
             _ = tokio::time::sleep_until(until) => {}
         }
     }
+}
+
+/// Waiting pulls that watch the queue itself (see `wait_for_turn`).
+const WATCHING_WAITERS: usize = 2;
+
+/// How a waiting pull's turn came.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// It is to watch the queue (or its time is up).
+    Watching,
+    /// Its place is gone (its session ended): it watches the queue itself.
+    OutOfLine,
 }
 
 /// What one pull claims with.
