@@ -25,11 +25,12 @@
 //! Visibility deadlines are wall-clock milliseconds: consumers' clocks should
 //! agree to well under a visibility timeout (NTP-level).
 //!
-//! A pull that finds nothing to take waits in the queue's line of waiting
-//! pulls, an ephemeral-sequential znode under `!w` of the backend's own
-//! session (see `wait_for_turn`): only the first [`WATCHING_WAITERS`]
-//! watch the queue's directories, so a push, claim or ack wakes that many
-//! waiting pulls, not all of them.
+//! A pull that waits and wakes to find nothing to take (other pulls
+//! compete) waits on in the queue's line of waiting pulls, an
+//! ephemeral-sequential znode under `!w` of the backend's own session (see
+//! `wait_for_turn`): only the first [`WATCHING_WAITERS`] in line watch the
+//! queue's directories, so a push, claim or ack wakes that many of them,
+//! not all of them.
 
 use crate::error::map_error;
 use crate::layout::sequence;
@@ -851,9 +852,10 @@ impl ZkQueue {
         abandoned: Abandoned,
     ) -> Result<Option<Delivery>> {
         let deadline = tokio::time::Instant::now() + options.wait;
-        // This pull's place among the waiting ones, once it waited; left
-        // (in the background) however the pull ends.
+        // This pull's place among the waiting ones; left (in the
+        // background) however the pull ends.
         let mut waiting: Option<LeaveOnDrop> = None;
+        let mut waited = false;
         loop {
             if abandoned.is_set() {
                 return Ok(None);
@@ -873,9 +875,13 @@ impl ZkQueue {
                 }
                 None => deadline,
             };
-            if waiting.is_none() {
+            // A pull takes a place only once it woke and found nothing to
+            // take: other pulls compete for the queue's messages then. A
+            // lone consumer never pays for the place (two writes).
+            if waiting.is_none() && waited {
                 waiting = self.join_waiters().await;
             }
+            waited = true;
             let client = self.zk.client().await?;
             let place = waiting.as_ref().and_then(|w| w.place());
             tokio::select! {
