@@ -76,6 +76,12 @@ impl Layout {
         format!("{}!queue/{}/!f/", self.root, queue.as_str()).into_bytes()
     }
 
+    /// The line of a queue's waiting pulls. `!w/` sorts after every other
+    /// `!` area of a queue, so a watch of those can leave it out.
+    pub(crate) fn queue_waiters(&self, queue: &Key) -> Vec<u8> {
+        format!("{}!queue/{}/!w/", self.root, queue.as_str()).into_bytes()
+    }
+
     pub(crate) fn queue_options(&self, queue: &Key) -> Vec<u8> {
         format!("{}!queue/{}/!options", self.root, queue.as_str()).into_bytes()
     }

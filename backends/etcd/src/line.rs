@@ -32,14 +32,17 @@ impl Line {
         Line { etcd, prefix }
     }
 
-    /// Joins the end of the line.
+    /// Joins the end of the line, as a key of `session`'s lease.
     pub(crate) async fn join(&self, session: &Session, value: Vec<u8>) -> Result<Place> {
         session.check()?;
+        self.join_on_lease(session.id().0 as i64, value).await
+    }
+
+    /// Joins the end of the line, as a key of `lease`.
+    pub(crate) async fn join_on_lease(&self, lease: i64, value: Vec<u8>) -> Result<Place> {
         let mut key = self.prefix.clone();
-        key.extend_from_slice(
-            format!("{:016x}-{:016x}", session.id().0, rand::random::<u64>()).as_bytes(),
-        );
-        let options = etcd_client::PutOptions::new().with_lease(session.id().0 as i64);
+        key.extend_from_slice(format!("{lease:016x}-{:016x}", rand::random::<u64>()).as_bytes());
+        let options = etcd_client::PutOptions::new().with_lease(lease);
         let joining = LeaveOnDrop::joining(
             self.clone(),
             Place {
@@ -106,6 +109,48 @@ impl Line {
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         Ok((resp.kvs().first().cloned(), rev))
+    }
+
+    /// The (at most) `count` keys just ahead of `place`, nearest last, and
+    /// the revision of that read; `None` if `place` is no longer in line
+    /// (its lease expired).
+    pub(crate) async fn nearest_ahead(
+        &self,
+        place: &Place,
+        count: usize,
+    ) -> Result<Option<(Vec<Vec<u8>>, i64)>> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_max_create_revision(place.revision)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(count as i64 + 1)
+            .with_keys_only();
+        let resp = self
+            .etcd
+            .call(
+                "get",
+                self.etcd.kv().get(self.prefix.clone(), Some(options)),
+            )
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let mut keys = resp.kvs().iter();
+        match keys.next() {
+            Some(own) if own.key() == place.key.as_slice() => {}
+            _ => return Ok(None),
+        }
+        let mut ahead: Vec<Vec<u8>> = keys.map(|kv| kv.key().to_vec()).collect();
+        ahead.reverse();
+        Ok(Some((ahead, rev)))
+    }
+
+    /// Resolves once one of `keys` is deleted at or after `from` (or a
+    /// watch breaks, in which case the caller simply looks again).
+    pub(crate) async fn wait_any_deleted(&self, keys: &[Vec<u8>], from: i64) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let waits = keys.iter().map(|k| Box::pin(self.wait_deleted(k, from)));
+        futures::future::select_all(waits).await.0
     }
 
     /// Whether `place` is still in line (its lease may have expired).

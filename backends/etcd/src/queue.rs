@@ -14,8 +14,15 @@
 //! revisions, so two consumers never hold the same message. Visibility
 //! deadlines are wall-clock milliseconds: consumers' clocks should agree to
 //! well under a visibility timeout (NTP-level).
+//!
+//! A pull that waits and wakes to find nothing to take (other pulls
+//! compete) waits on in the queue's line of waiting pulls, a key under
+//! `!w/` on a lease of its own (see `wait_for_turn`): only the first
+//! [`WATCHING_WAITERS`] in line watch the queue, so a push, claim or ack
+//! wakes that many of them, not all of them.
 
 use crate::layout::prefix_end;
+use crate::line::{LeaveOnDrop, Line, Place as LinePlace};
 use crate::Etcd;
 use async_trait::async_trait;
 use dprim::queue::{
@@ -79,6 +86,29 @@ struct EtcdQueue {
     name: Key,
     messages: Vec<u8>,
     claims: Vec<u8>,
+    /// The pulls waiting for a message (see `wait_for_turn`).
+    waiters: Line,
+}
+
+/// Waiting pulls that watch the queue itself (see `wait_for_turn`).
+const WATCHING_WAITERS: usize = 2;
+
+/// The longest a waiting pull's place lives without it: the place is on a
+/// lease of this TTL (or of the pull's wait, if shorter), so the place of a
+/// pull whose process died goes within it; a pull that waits longer takes
+/// a new place when its first expires.
+const WAITER_TTL: Duration = Duration::from_secs(60);
+
+/// How a waiting pull's turn came.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// It is to watch the queue from what it last read.
+    Watching,
+    /// It waited in line and is now to watch the queue, or its time is
+    /// up: it reads the queue afresh first.
+    Moved,
+    /// Its place is gone (its lease expired): it watches the queue itself.
+    OutOfLine,
 }
 
 fn now_ms() -> i64 {
@@ -160,12 +190,14 @@ impl EtcdQueue {
     fn new(etcd: Etcd, name: Key) -> Arc<EtcdQueue> {
         let messages = etcd.layout.queue_messages(&name);
         let claims = etcd.layout.queue_claims(&name);
+        let waiters = Line::new(etcd.clone(), etcd.layout.queue_waiters(&name));
         Arc::new_cyclic(|me| EtcdQueue {
             me: me.clone(),
             etcd,
             name,
             messages,
             claims,
+            waiters,
         })
     }
 
@@ -546,6 +578,10 @@ impl EtcdQueue {
         abandoned: Abandoned,
     ) -> Result<Option<Delivery>> {
         let deadline = tokio::time::Instant::now() + options.wait;
+        // This pull's place among the waiting ones; left (in the
+        // background) however the pull ends.
+        let mut waiting: Option<LeaveOnDrop> = None;
+        let mut waited = false;
         loop {
             if abandoned.is_set() {
                 return Ok(None);
@@ -565,20 +601,101 @@ impl EtcdQueue {
                 }
                 None => deadline,
             };
+            // A pull takes a place only once it woke and found nothing to
+            // take: other pulls compete for the queue's messages then. A
+            // lone consumer never pays for the place (a lease and a key).
+            if waiting.is_none() && waited {
+                waiting = self.join_waiters(deadline - now).await;
+            }
+            waited = true;
+            let place = waiting.as_ref().and_then(|w| w.place());
             tokio::select! {
-                _ = self.wait_for_change(revision, until) => {}
+                // A waiter not watching the queue has no use for the
+                // moment a held message becomes visible: those watching do.
+                turn = self.wait_for_turn(place, deadline) => match turn {
+                    // Changes since the pull's read end this wait at once.
+                    Turn::Watching => self.wait_for_change(revision, until).await,
+                    Turn::Moved => {}
+                    Turn::OutOfLine => waiting = None,
+                },
                 _ = abandoned.wait() => return Ok(None),
+            }
+        }
+    }
+
+    /// Takes a place among the waiting pulls, on a lease that ends with
+    /// the pull's wait (at most [`WAITER_TTL`]); `None` if that fails, and
+    /// the pull then watches the queue itself.
+    async fn join_waiters(&self, wait: Duration) -> Option<LeaveOnDrop> {
+        let joined = async {
+            let ttl = wait.min(WAITER_TTL).as_secs() as i64 + 2;
+            let mut leases = self.etcd.client.lease_client();
+            let lease = self
+                .etcd
+                .call("lease grant", leases.grant(ttl, None))
+                .await?;
+            self.waiters.join_on_lease(lease.id(), Vec::new()).await
+        };
+        match joined.await {
+            Ok(place) => Some(LeaveOnDrop::new(self.waiters.clone(), place)),
+            Err(e) => {
+                tracing::debug!(error = %e, queue = %self.name, "joining the waiting pulls failed; watching the queue directly");
+                None
+            }
+        }
+    }
+
+    /// Waits until `place` is among the first [`WATCHING_WAITERS`] waiting
+    /// pulls, which are the ones that watch the queue, or until `deadline`.
+    ///
+    /// The others each watch the (at most) [`WATCHING_WAITERS`] places
+    /// just ahead of them, so a push, claim or ack wakes those few pulls
+    /// instead of every waiting one (the herd effect), and a waiter that
+    /// leaves wakes at most that many behind it. More than one watches the
+    /// queue so that a waiter whose process died, whose place stays until
+    /// its lease expires, does not stop the pulls behind it.
+    async fn wait_for_turn(
+        &self,
+        place: Option<&LinePlace>,
+        deadline: tokio::time::Instant,
+    ) -> Turn {
+        let Some(place) = place else {
+            return Turn::Watching;
+        };
+        // A pull that waited in line reads the queue afresh before it
+        // watches it: what it last read is old.
+        let settled = |in_line: bool| if in_line { Turn::Moved } else { Turn::Watching };
+        let mut in_line = false;
+        loop {
+            let (ahead, read) = match self.waiters.nearest_ahead(place, WATCHING_WAITERS).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return Turn::OutOfLine,
+                Err(_) => return settled(in_line),
+            };
+            if ahead.len() < WATCHING_WAITERS {
+                return settled(in_line);
+            }
+            in_line = true;
+            tokio::select! {
+                gone = self.waiters.wait_any_deleted(&ahead, read + 1) => {
+                    if gone.is_err() {
+                        return Turn::Moved;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Turn::Moved,
             }
         }
     }
 
     async fn wait_for_change(&self, after: i64, until: tokio::time::Instant) {
         let mut prefix = self.etcd.layout.queue_options(&self.name);
-        // `<queue>/!options` -> `<queue>/!`: covers messages, claims, options.
+        // `<queue>/!options` -> `<queue>/!`: covers messages, claims,
+        // options and feeders, up to the line of waiting pulls, whose
+        // comings and goings are no change to the queue.
         prefix.truncate(prefix.len() - "options".len());
         let mut client = self.etcd.client.watch_client();
         let options = WatchOptions::new()
-            .with_range(prefix_end(&prefix))
+            .with_range(self.etcd.layout.queue_waiters(&self.name))
             .with_start_revision(after + 1);
         let watch = async {
             if let Ok(mut stream) = client.watch(prefix.clone(), Some(options)).await {

@@ -887,12 +887,12 @@ impl ZkQueue {
             tokio::select! {
                 // A waiter not watching the queue has no use for the
                 // moment a held message becomes visible: those watching do.
-                turn = self.wait_for_turn(&client, place, deadline) => {
-                    if turn == Turn::OutOfLine {
-                        waiting = None;
-                    }
-                    self.wait_for_change(&client, &idle.dirs, until).await;
-                }
+                turn = self.wait_for_turn(&client, place, deadline) => match turn {
+                    // Changes since the pull's read end this wait at once.
+                    Turn::Watching => self.wait_for_change(&client, &idle.dirs, until).await,
+                    Turn::Moved => {}
+                    Turn::OutOfLine => waiting = None,
+                },
                 _ = abandoned.wait() => return Ok(None),
             }
         }
@@ -934,17 +934,22 @@ impl ZkQueue {
         let Some(place) = place else {
             return Turn::Watching;
         };
+        // A pull that waited in line reads the queue afresh before it
+        // watches it: what it last read is old.
+        let settled = |in_line: bool| if in_line { Turn::Moved } else { Turn::Watching };
+        let mut in_line = false;
         loop {
             let ahead = match self.waiters.nearest_ahead(place, WATCHING_WAITERS).await {
                 Ok(Some(ahead)) => ahead,
                 // Its session ended: this pull watches the queue itself
                 // and joins again.
                 Ok(None) => return Turn::OutOfLine,
-                Err(_) => return Turn::Watching,
+                Err(_) => return settled(in_line),
             };
             if ahead.len() < WATCHING_WAITERS {
-                return Turn::Watching;
+                return settled(in_line);
             }
+            in_line = true;
             let mut watchers = Vec::with_capacity(ahead.len());
             for path in &ahead {
                 match self
@@ -955,7 +960,7 @@ impl ZkQueue {
                     Ok((Some(_), watcher)) => watchers.push(Box::pin(watcher.changed())),
                     // Left meanwhile: look at the line again.
                     Ok((None, _)) => break,
-                    Err(_) => return Turn::Watching,
+                    Err(_) => return settled(in_line),
                 }
             }
             if watchers.len() < ahead.len() {
@@ -963,7 +968,7 @@ impl ZkQueue {
             }
             tokio::select! {
                 _ = futures::future::select_all(watchers) => {}
-                _ = tokio::time::sleep_until(deadline) => return Turn::Watching,
+                _ = tokio::time::sleep_until(deadline) => return Turn::Moved,
             }
         }
     }
@@ -1006,8 +1011,11 @@ const WATCHING_WAITERS: usize = 2;
 /// How a waiting pull's turn came.
 #[derive(Debug, PartialEq, Eq)]
 enum Turn {
-    /// It is to watch the queue (or its time is up).
+    /// It is to watch the queue from what it last read.
     Watching,
+    /// It waited in line and is now to watch the queue, or its time is
+    /// up: it reads the queue afresh first.
+    Moved,
     /// Its place is gone (its session ended): it watches the queue itself.
     OutOfLine,
 }
