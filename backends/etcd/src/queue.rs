@@ -22,13 +22,14 @@
 //! wakes that many of them, not all of them.
 
 use crate::layout::prefix_end;
-use crate::line::{LeaveOnDrop, Line, Place as LinePlace};
+use crate::line::{Line, Place as LinePlace};
 use crate::Etcd;
 use async_trait::async_trait;
 use dprim::queue::{
     give_back, give_back_later, pull_to_the_end, Abandoned, Delivery, MessageId, PullOptions,
     Queue, QueueDepth, QueueOptions, Queues, Receipt,
 };
+use dprim::retry::RetryPolicy;
 use dprim::{Error, Key, Result, Value};
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, TxnOp, TxnOpResponse, WatchOptions};
 use std::collections::HashMap;
@@ -98,6 +99,36 @@ const WATCHING_WAITERS: usize = 2;
 /// pull whose process died goes within it; a pull that waits longer takes
 /// a new place when its first expires.
 const WAITER_TTL: Duration = Duration::from_secs(60);
+
+/// A waiting pull's place in line, on a lease of its own, which is
+/// revoked (removing the place) in the background however the pull ends;
+/// if that fails, the lease runs out.
+struct Waiting {
+    etcd: Etcd,
+    lease: i64,
+    place: LinePlace,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let (etcd, lease) = (self.etcd.clone(), self.lease);
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let revoked = RetryPolicy::default()
+                    .run(|| async {
+                        let mut leases = etcd.client.lease_client();
+                        etcd.call("lease revoke", leases.revoke(lease))
+                            .await
+                            .map(|_| ())
+                    })
+                    .await;
+                if let Err(e) = revoked {
+                    tracing::debug!(error = %e, "revoking a waiting pull's lease failed; it runs out on its own");
+                }
+            });
+        }
+    }
+}
 
 /// How a waiting pull's turn came.
 #[derive(Debug, PartialEq, Eq)]
@@ -580,7 +611,7 @@ impl EtcdQueue {
         let deadline = tokio::time::Instant::now() + options.wait;
         // This pull's place among the waiting ones; left (in the
         // background) however the pull ends.
-        let mut waiting: Option<LeaveOnDrop> = None;
+        let mut waiting: Option<Waiting> = None;
         let mut waited = false;
         loop {
             if abandoned.is_set() {
@@ -608,7 +639,7 @@ impl EtcdQueue {
                 waiting = self.join_waiters(deadline - now).await;
             }
             waited = true;
-            let place = waiting.as_ref().and_then(|w| w.place());
+            let place = waiting.as_ref().map(|w| &w.place);
             tokio::select! {
                 // A waiter not watching the queue has no use for the
                 // moment a held message becomes visible: those watching do.
@@ -626,18 +657,29 @@ impl EtcdQueue {
     /// Takes a place among the waiting pulls, on a lease that ends with
     /// the pull's wait (at most [`WAITER_TTL`]); `None` if that fails, and
     /// the pull then watches the queue itself.
-    async fn join_waiters(&self, wait: Duration) -> Option<LeaveOnDrop> {
+    async fn join_waiters(&self, wait: Duration) -> Option<Waiting> {
         let joined = async {
             let ttl = wait.min(WAITER_TTL).as_secs() as i64 + 2;
             let mut leases = self.etcd.client.lease_client();
             let lease = self
                 .etcd
                 .call("lease grant", leases.grant(ttl, None))
-                .await?;
-            self.waiters.join_on_lease(lease.id(), Vec::new()).await
+                .await?
+                .id();
+            // From here on, the place goes with the lease however this ends.
+            let mut waiting = Waiting {
+                etcd: self.etcd.clone(),
+                lease,
+                place: LinePlace {
+                    key: Vec::new(),
+                    revision: 0,
+                },
+            };
+            waiting.place = self.waiters.join_on_lease(lease, Vec::new()).await?;
+            Ok::<_, Error>(waiting)
         };
         match joined.await {
-            Ok(place) => Some(LeaveOnDrop::new(self.waiters.clone(), place)),
+            Ok(waiting) => Some(waiting),
             Err(e) => {
                 tracing::debug!(error = %e, queue = %self.name, "joining the waiting pulls failed; watching the queue directly");
                 None
