@@ -36,6 +36,7 @@ pub mod faults;
 pub mod linearizability;
 mod report;
 mod util;
+pub mod waiting;
 
 pub use cluster::{AgentSpec, Launch, TaskCluster, TaskClusters};
 pub use report::{CaseReport, Outcome, Report};

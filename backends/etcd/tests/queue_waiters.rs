@@ -14,12 +14,11 @@
 
 mod support;
 
-use dprim::queue::{PullOptions, Queue};
-use dprim::{Config, Key, Value};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use dprim::{Config, Key};
+use dprim_conformance::waiting::WaitingConsumers;
+use std::process::Command;
 use std::time::Duration;
-use support::Servers;
+use support::{Etcd, Servers};
 
 const PORT: u16 = 23791;
 const PEER_PORT: u16 = 23801;
@@ -35,14 +34,6 @@ const MOST_EVENTS_PER_MESSAGE: f64 = 12.0;
 /// change, a waiter moving up the line looking at it. Every waiting pull
 /// reading the queue made about 90 here with 11 consumers waiting.
 const MOST_READS_PER_MESSAGE: f64 = 50.0;
-
-struct Etcd(Child);
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn metric(name: &str) -> f64 {
     let out = Command::new("curl")
@@ -63,48 +54,17 @@ async fn connect() -> dprim::Backend {
     dprim_etcd::connect(&config.backend).await.unwrap()
 }
 
-async fn push_and_take(
-    queue: &dyn Queue,
-    taken: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, Value)>,
-    i: usize,
-) {
-    queue
-        .push(Value::new(format!("m{i}")).unwrap())
-        .await
-        .unwrap();
-    let (c, payload) = tokio::time::timeout(Duration::from_secs(20), taken.recv())
-        .await
-        .expect("a waiting consumer takes the message")
-        .unwrap();
-    println!("message {i} ({payload:?}) taken by consumer {c}");
-    // Lets the line settle before the next push.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
     let servers = Servers::new("etcd-waiters");
     servers.script(&["install"]);
     let dir = servers.dir.clone();
-    let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-    let _etcd = Etcd(
-        Command::new("etcd")
-            .args([
-                "--name",
-                "waiters",
-                "--data-dir",
-                "data",
-                &format!("--listen-client-urls=http://127.0.0.1:{PORT}"),
-                &format!("--advertise-client-urls=http://127.0.0.1:{PORT}"),
-                &format!("--listen-peer-urls=http://127.0.0.1:{PEER_PORT}"),
-                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{PEER_PORT}"),
-                &format!("--initial-cluster=waiters=http://127.0.0.1:{PEER_PORT}"),
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start etcd"),
+    let _etcd = Etcd::start(
+        &dir,
+        "waiters",
+        &format!("http://127.0.0.1:{PORT}"),
+        PEER_PORT,
+        &[],
     );
     let mut ready = false;
     for _ in 0..100 {
@@ -123,42 +83,23 @@ async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
     let name = Key::new("jobs").unwrap();
     let producer = connect().await;
     let queue = producer.queues().open(&name, None).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut consumers = Vec::new();
-    for c in 0..CONSUMERS {
-        let backend = connect().await;
-        let q: Arc<dyn Queue> = backend.queues().open(&name, None).await.unwrap();
-        let tx = tx.clone();
-        consumers.push(tokio::spawn(async move {
-            // Pulls until it got a message or the test ends.
-            loop {
-                let options = PullOptions {
-                    wait: Duration::from_secs(30),
-                    ..PullOptions::default()
-                };
-                match q.pull(options).await {
-                    Ok(Some(d)) => {
-                        q.ack(&d.receipt).await.unwrap();
-                        tx.send((c, d.payload)).unwrap();
-                        return backend;
-                    }
-                    Ok(None) => {}
-                    Err(e) => panic!("consumer {c}: {e}"),
-                }
-            }
-        }));
+    for _ in 0..CONSUMERS {
+        consumers.push(connect().await);
     }
+    let mut waiting = WaitingConsumers::start(consumers, &name).await.unwrap();
     // Every consumer is waiting: nothing to pull yet. The first message
     // wakes them all; those that find nothing take a place in line.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    push_and_take(queue.as_ref(), &mut rx, 0).await;
+    waiting.push_and_take(queue.as_ref(), 0).await.unwrap();
 
     let (events, reads) = (
         metric("etcd_debugging_mvcc_events_total"),
         metric("etcd_mvcc_range_total"),
     );
     for i in 1..=MESSAGES {
-        push_and_take(queue.as_ref(), &mut rx, i).await;
+        let c = waiting.push_and_take(queue.as_ref(), i).await.unwrap();
+        println!("message {i} taken by consumer {c}");
     }
     let events = (metric("etcd_debugging_mvcc_events_total") - events) / MESSAGES as f64;
     let reads = (metric("etcd_mvcc_range_total") - reads) / MESSAGES as f64;
@@ -176,8 +117,4 @@ async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
         "{reads:.1} reads per message with {} consumers waiting (at most {MOST_READS_PER_MESSAGE} expected)",
         CONSUMERS - 1
     );
-    for c in consumers {
-        c.abort();
-    }
-    drop(queue);
 }

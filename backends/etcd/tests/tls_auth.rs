@@ -9,10 +9,10 @@ mod support;
 use dprim::{Config, ErrorKind, Registry};
 use dprim_conformance::{ConfigHarness, RunOptions};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use support::Servers;
+use support::{Etcd, Servers};
 
 const PASSWORD: &str = "s3cret-dprim-pw";
 const PORT: u16 = 23790;
@@ -27,14 +27,6 @@ fn make_certs(dir: &Path) {
         .expect("run scripts/test-certs.sh")
         .success();
     assert!(ok, "scripts/test-certs.sh failed (is openssl installed?)");
-}
-
-struct Etcd(Child);
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn etcdctl(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -73,33 +65,21 @@ async fn tls_and_password_auth() {
     servers.script(&["install"]);
     let dir = servers.dir.clone();
     make_certs(&dir);
-    let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-    let _etcd = Etcd(
-        Command::new("etcd")
-            .args([
-                "--name",
-                "tls",
-                "--data-dir",
-                "data",
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                &format!("--listen-client-urls=https://127.0.0.1:{PORT}"),
-                &format!("--advertise-client-urls=https://127.0.0.1:{PORT}"),
-                "--listen-peer-urls=http://127.0.0.1:23800",
-                "--initial-advertise-peer-urls=http://127.0.0.1:23800",
-                "--initial-cluster=tls=http://127.0.0.1:23800",
-                "--cert-file=server.pem",
-                "--key-file=server-key.pem",
-                "--trusted-ca-file=ca.pem",
-                "--client-cert-auth",
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start etcd"),
+    let _etcd = Etcd::start(
+        &dir,
+        "tls",
+        &format!("https://127.0.0.1:{PORT}"),
+        23800,
+        &[
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--cert-file=server.pem",
+            "--key-file=server-key.pem",
+            "--trusted-ca-file=ca.pem",
+            "--client-cert-auth",
+        ],
     );
     let mut ready = false;
     for _ in 0..100 {

@@ -18,10 +18,9 @@
 
 mod support;
 
-use dprim::queue::{PullOptions, Queue};
-use dprim::{Config, Key, Value};
+use dprim::{Config, Key};
+use dprim_conformance::waiting::WaitingConsumers;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 use support::Servers;
 
@@ -68,24 +67,6 @@ fn watch_counts() -> HashMap<String, (u64, u64)> {
     counts
 }
 
-async fn push_and_take(
-    queue: &dyn Queue,
-    taken: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, Value)>,
-    i: usize,
-) {
-    queue
-        .push(Value::new(format!("m{i}")).unwrap())
-        .await
-        .unwrap();
-    let (c, payload) = tokio::time::timeout(Duration::from_secs(20), taken.recv())
-        .await
-        .expect("a waiting consumer takes the message")
-        .unwrap();
-    println!("message {i} ({payload:?}) taken by consumer {c}");
-    // Lets the line settle before the next push.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
     let servers = Servers::new("waiters", Some(PORT));
@@ -94,35 +75,15 @@ async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
     let producer = connect().await;
     let queue = producer.queues().open(&name, None).await.unwrap();
 
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut consumers = Vec::new();
-    for c in 0..CONSUMERS {
-        let backend = connect().await;
-        let q: Arc<dyn Queue> = backend.queues().open(&name, None).await.unwrap();
-        let tx = tx.clone();
-        consumers.push(tokio::spawn(async move {
-            // Pulls until it got a message or the test ends.
-            loop {
-                let options = PullOptions {
-                    wait: Duration::from_secs(30),
-                    ..PullOptions::default()
-                };
-                match q.pull(options).await {
-                    Ok(Some(d)) => {
-                        q.ack(&d.receipt).await.unwrap();
-                        tx.send((c, d.payload)).unwrap();
-                        return backend;
-                    }
-                    Ok(None) => {}
-                    Err(e) => panic!("consumer {c}: {e}"),
-                }
-            }
-        }));
+    for _ in 0..CONSUMERS {
+        consumers.push(connect().await);
     }
+    let mut waiting = WaitingConsumers::start(consumers, &name).await.unwrap();
     // Every consumer is waiting: nothing to pull yet. The first message
     // wakes them all; those that find nothing take a place in line.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    push_and_take(queue.as_ref(), &mut rx, 0).await;
+    waiting.push_and_take(queue.as_ref(), 0).await.unwrap();
 
     let before = watch_counts();
     assert!(
@@ -131,7 +92,8 @@ async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
         Servers::four_letter(PORT, "mntr")
     );
     for i in 1..=MESSAGES {
-        push_and_take(queue.as_ref(), &mut rx, i).await;
+        let c = waiting.push_and_take(queue.as_ref(), i).await.unwrap();
+        println!("message {i} taken by consumer {c}");
     }
     let after = watch_counts();
     for (kind, (events, fired)) in &after {
@@ -148,8 +110,4 @@ async fn a_push_wakes_a_bounded_number_of_waiting_pulls() {
             );
         }
     }
-    for c in consumers {
-        c.abort();
-    }
-    drop(queue);
 }

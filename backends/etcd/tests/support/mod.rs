@@ -68,3 +68,44 @@ impl Drop for Servers {
         }
     }
 }
+
+/// One etcd member run by a test itself (for flags the project's script
+/// does not set), in `dir`, logging to `dir/etcd.log`; killed on drop.
+pub struct Etcd(std::process::Child);
+
+impl Etcd {
+    /// Starts member `name` serving clients on `client_url`
+    /// (`http://127.0.0.1:<port>` or `https://...`) and its peer on
+    /// `peer_port`, with `extra` flags.
+    pub fn start(dir: &Path, name: &str, client_url: &str, peer_port: u16, extra: &[&str]) -> Etcd {
+        use std::process::Stdio;
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                name,
+                "--data-dir",
+                "data",
+                &format!("--listen-client-urls={client_url}"),
+                &format!("--advertise-client-urls={client_url}"),
+                &format!("--listen-peer-urls={peer}"),
+                &format!("--initial-advertise-peer-urls={peer}"),
+                &format!("--initial-cluster={name}={peer}"),
+            ])
+            .args(extra)
+            .current_dir(dir)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start etcd (scripts/etcd.sh install)");
+        Etcd(child)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
