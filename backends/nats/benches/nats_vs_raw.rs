@@ -2,14 +2,17 @@
 //! - KV put, get and CAS: sequential p50 latency and throughput with 64
 //!   requests in flight (raw: the async-nats KV store on the same bucket);
 //! - pub/sub: 1M x 128 B published by one client, received by one
-//!   subscriber (messages received per second);
+//!   subscriber (messages received per second), both sides on the subject
+//!   the backend maps the topic to;
 //! - queue: push (64 in flight), then pull + ack by 64 workers (raw: a
 //!   JetStream work-queue stream with a durable pull consumer, double ack).
 //!
 //! `scripts/nats.sh start && cargo bench -p dprim-nats --bench nats_vs_raw`
 //! (DPRIM_BENCH_NATS=host:port picks another server; DPRIM_BENCH_OPS the
 //! number of KV operations per measurement, DPRIM_BENCH_MESSAGES the pub/sub
-//! message count, DPRIM_BENCH_QUEUE the queue message count).
+//! message count, DPRIM_BENCH_QUEUE the queue message count;
+//! DPRIM_BENCH_MIXED=1 also measures pub/sub with a dprim publisher and a
+//! raw subscriber, and the reverse).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use async_nats::jetstream;
@@ -85,67 +88,109 @@ fn ratio_row(op: &str, raw: (Duration, f64), ours: (Duration, f64)) {
     );
 }
 
-/// Messages per second received by one raw subscriber from one raw
-/// publisher.
-async fn raw_pubsub(client: &async_nats::Client, addr: &str, messages: usize, round: u32) -> f64 {
-    let subject = format!("rawbench.{}.{round}", std::process::id());
-    let mut sub = client.subscribe(subject.clone()).await.unwrap();
-    client.flush().await.unwrap();
-    let publisher = async_nats::connect(addr).await.unwrap();
-    let t = Instant::now();
-    let p = tokio::spawn(async move {
-        for _ in 0..messages {
-            publisher
-                .publish(subject.clone(), Bytes::from_static(&VALUE))
-                .await
-                .unwrap();
-        }
-        publisher.flush().await.unwrap();
-    });
-    let mut got = 0usize;
-    while got < messages {
-        match tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-            Ok(Some(_)) => got += 1,
-            _ => break,
-        }
-    }
-    p.await.unwrap();
-    got as f64 / t.elapsed().as_secs_f64()
+/// Which client a side of the pub/sub measurement uses.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Raw,
+    Dprim,
 }
 
-/// Messages per second received by one dprim subscriber from one dprim
-/// publisher (messages reported in a `Lagged` count as received).
-async fn ours_pubsub(
-    backend: &dprim::Backend,
+/// A subscriber of either side, counting received messages (messages
+/// reported in a dprim `Lagged` count as received).
+enum Subscriber {
+    Raw(async_nats::Subscriber),
+    Dprim(dprim::Subscription),
+}
+
+impl Subscriber {
+    /// Messages the next item stands for; `None` once nothing came for 2 s.
+    async fn next(&mut self) -> Option<usize> {
+        let wait = Duration::from_secs(2);
+        match self {
+            Subscriber::Raw(s) => match tokio::time::timeout(wait, s.next()).await {
+                Ok(Some(_)) => Some(1),
+                _ => None,
+            },
+            Subscriber::Dprim(s) => match tokio::time::timeout(wait, s.next()).await {
+                Ok(Some(Ok(SubscriptionItem::Message(_)))) => Some(1),
+                Ok(Some(Ok(SubscriptionItem::Lagged(n)))) => Some(n as usize),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A publisher of either side.
+enum Publisher {
+    Raw(async_nats::Client),
+    Dprim(dprim::Backend),
+}
+
+/// Messages per second one subscriber receives from one publisher, on a
+/// topic of its own for this round: the subscriber on the benchmark's own
+/// client or backend, the publisher on a connection of its own. A raw side
+/// uses the subject the backend maps the topic to.
+async fn pubsub_rate(
+    (client, backend): (&async_nats::Client, &dprim::Backend),
     config: &Config,
+    addr: &str,
+    (publisher, subscriber): (Side, Side),
     messages: usize,
     round: u32,
 ) -> f64 {
     let topic = Key::new(format!("bench/topic{round}")).unwrap();
-    let mut sub = backend.pubsub().subscribe(&topic).await.unwrap();
-    let publisher = dprim_nats::connect(&config.backend).await.unwrap();
-    let t = Instant::now();
-    let tp = topic.clone();
-    let p = tokio::spawn(async move {
-        for _ in 0..messages {
-            publisher
-                .pubsub()
-                .publish(&tp, Value::new(&VALUE[..]).unwrap())
-                .await
-                .unwrap();
+    // The backend's subject for `bench/topic<round>` (`dprim.<namespace>.=t.`
+    // and the key's segments as tokens).
+    let subject = format!("dprim.bench-{}.=t.bench.topic{round}", std::process::id());
+    let mut sub = match subscriber {
+        Side::Raw => {
+            let s = client.subscribe(subject.clone()).await.unwrap();
+            client.flush().await.unwrap();
+            Subscriber::Raw(s)
         }
-        publisher
+        Side::Dprim => Subscriber::Dprim(backend.pubsub().subscribe(&topic).await.unwrap()),
+    };
+    // Connected before the clock starts, as the subscriber is.
+    let publisher = match publisher {
+        Side::Raw => Publisher::Raw(async_nats::connect(addr).await.unwrap()),
+        Side::Dprim => Publisher::Dprim(dprim_nats::connect(&config.backend).await.unwrap()),
+    };
+    let t = Instant::now();
+    let p = tokio::spawn(async move {
+        match &publisher {
+            Publisher::Raw(client) => {
+                for _ in 0..messages {
+                    client
+                        .publish(subject.clone(), Bytes::from_static(&VALUE))
+                        .await
+                        .unwrap();
+                }
+                client.flush().await.unwrap();
+            }
+            Publisher::Dprim(backend) => {
+                for _ in 0..messages {
+                    backend
+                        .pubsub()
+                        .publish(&topic, Value::new(&VALUE[..]).unwrap())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        // Kept connected until the subscriber has counted.
+        std::future::pending::<()>().await;
+        drop(publisher);
     });
     let mut got = 0usize;
     while got < messages {
-        match tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-            Ok(Some(Ok(SubscriptionItem::Message(_)))) => got += 1,
-            Ok(Some(Ok(SubscriptionItem::Lagged(n)))) => got += n as usize,
-            _ => break,
+        match sub.next().await {
+            Some(n) => got += n,
+            None => break,
         }
     }
-    drop(p.await.unwrap());
-    got as f64 / t.elapsed().as_secs_f64()
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    p.abort();
+    rate
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -213,22 +258,39 @@ async fn main() {
         ratio_row(op, best_raw, best_ours);
     }
 
-    // Pub/sub: messages received per second by one subscriber.
+    // Pub/sub: messages received per second by one subscriber. Best of
+    // three rounds each, alternating, as for KV: on two shared cores one
+    // round can stall on the scheduler. DPRIM_BENCH_MIXED=1 adds a dprim
+    // publisher with a raw subscriber and the other way round, to tell
+    // which side a difference comes from.
     let messages = env("DPRIM_BENCH_MESSAGES", 1_000_000);
-    // Best of three rounds each, alternating, as for KV: on two shared
-    // cores one round can stall on the scheduler.
-    let (mut raw_rate, mut ours_rate) = (0f64, 0f64);
-    for round in 0..3 {
-        raw_rate = raw_rate.max(raw_pubsub(&client, &addr, messages, round).await);
-        ours_rate = ours_rate.max(ours_pubsub(&backend, &config, messages, round).await);
+    let mut pairs = vec![(Side::Raw, Side::Raw), (Side::Dprim, Side::Dprim)];
+    if std::env::var_os("DPRIM_BENCH_MIXED").is_some() {
+        pairs.push((Side::Dprim, Side::Raw));
+        pairs.push((Side::Raw, Side::Dprim));
+    }
+    let mut best = vec![0f64; pairs.len()];
+    let mut round = 0;
+    for _ in 0..3 {
+        for (i, pair) in pairs.iter().enumerate() {
+            round += 1;
+            best[i] = best[i].max(
+                pubsub_rate((&client, &backend), &config, &addr, *pair, messages, round).await,
+            );
+        }
     }
     println!();
-    println!("| pub/sub {messages} x 128 B | raw msgs/s | dprim msgs/s | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| one subscriber | {raw_rate:.0} | {ours_rate:.0} | {:.3}x |",
-        ours_rate / raw_rate
-    );
+    println!("| pub/sub {messages} x 128 B | publisher | subscriber | msgs/s | ratio to raw |");
+    println!("|---|---|---|---|---|");
+    let name = |s: Side| if s == Side::Raw { "raw" } else { "dprim" };
+    for (pair, rate) in pairs.iter().zip(&best) {
+        println!(
+            "| one subscriber | {} | {} | {rate:.0} | {:.3}x |",
+            name(pair.0),
+            name(pair.1),
+            rate / best[0]
+        );
+    }
 
     // Queue: push N with 64 in flight, then 64 workers pull + ack.
     let n = env("DPRIM_BENCH_QUEUE", 5000);
