@@ -138,7 +138,8 @@ enum Turn {
     /// It waited in line and is now to watch the queue, or its time is
     /// up: it reads the queue afresh first.
     Moved,
-    /// Its place is gone (its lease expired): it watches the queue itself.
+    /// Its place is gone (its lease expired): it reads the queue again and
+    /// takes a new place.
     OutOfLine,
 }
 

@@ -941,8 +941,6 @@ impl ZkQueue {
         loop {
             let ahead = match self.waiters.nearest_ahead(place, WATCHING_WAITERS).await {
                 Ok(Some(ahead)) => ahead,
-                // Its session ended: this pull watches the queue itself
-                // and joins again.
                 Ok(None) => return Turn::OutOfLine,
                 Err(_) => return settled(in_line),
             };
@@ -1016,7 +1014,8 @@ enum Turn {
     /// It waited in line and is now to watch the queue, or its time is
     /// up: it reads the queue afresh first.
     Moved,
-    /// Its place is gone (its session ended): it watches the queue itself.
+    /// Its place is gone (its session ended): it reads the queue again and
+    /// takes a new place.
     OutOfLine,
 }
 
