@@ -94,10 +94,10 @@ struct EtcdQueue {
 /// Waiting pulls that watch the queue itself (see `wait_for_turn`).
 const WATCHING_WAITERS: usize = 2;
 
-/// The longest a waiting pull's place lives without it: the place is on a
-/// lease of this TTL (or of the pull's wait, if shorter), so the place of a
-/// pull whose process died goes within it; a pull that waits longer takes
-/// a new place when its first expires.
+/// The TTL of the lease a waiting pull's place is on (the pull's wait, if
+/// shorter, plus 2 s): the place of a pull whose process died goes within
+/// it, and a pull that waits longer takes a new place when its first one
+/// expires.
 const WAITER_TTL: Duration = Duration::from_secs(60);
 
 /// A waiting pull's place in line, on a lease of its own, which is
