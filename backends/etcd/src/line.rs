@@ -93,14 +93,23 @@ impl Line {
             .await
     }
 
-    /// The key just ahead of `place`, if any, and the revision of that read.
-    async fn ahead(&self, place: &Place) -> Result<(Option<KeyValue>, i64)> {
-        let options = GetOptions::new()
+    /// The newest `limit` places created at or before `max_create_revision`,
+    /// newest first, and the revision of that read.
+    async fn newest(
+        &self,
+        max_create_revision: i64,
+        limit: usize,
+        keys_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64)> {
+        let mut options = GetOptions::new()
             .with_range(prefix_end(&self.prefix))
-            .with_max_create_revision(place.revision - 1)
+            .with_max_create_revision(max_create_revision)
             .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(1);
-        let resp = self
+            .with_limit(limit as i64);
+        if keys_only {
+            options = options.with_keys_only();
+        }
+        let mut resp = self
             .etcd
             .call(
                 "get",
@@ -108,7 +117,13 @@ impl Line {
             )
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
-        Ok((resp.kvs().first().cloned(), rev))
+        Ok((resp.take_kvs(), rev))
+    }
+
+    /// The key just ahead of `place`, if any, and the revision of that read.
+    async fn ahead(&self, place: &Place) -> Result<(Option<KeyValue>, i64)> {
+        let (newest, rev) = self.newest(place.revision - 1, 1, false).await?;
+        Ok((newest.into_iter().next(), rev))
     }
 
     /// The (at most) `count` keys just ahead of `place`, nearest last, and
@@ -119,21 +134,9 @@ impl Line {
         place: &Place,
         count: usize,
     ) -> Result<Option<(Vec<Vec<u8>>, i64)>> {
-        let options = GetOptions::new()
-            .with_range(prefix_end(&self.prefix))
-            .with_max_create_revision(place.revision)
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(count as i64 + 1)
-            .with_keys_only();
-        let resp = self
-            .etcd
-            .call(
-                "get",
-                self.etcd.kv().get(self.prefix.clone(), Some(options)),
-            )
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let mut keys = resp.kvs().iter();
+        // `place` itself comes first, if it is still there.
+        let (newest, rev) = self.newest(place.revision, count + 1, true).await?;
+        let mut keys = newest.into_iter();
         match keys.next() {
             Some(own) if own.key() == place.key.as_slice() => {}
             _ => return Ok(None),

@@ -100,16 +100,20 @@ const WATCHING_WAITERS: usize = 2;
 /// expires.
 const WAITER_TTL: Duration = Duration::from_secs(60);
 
-/// A waiting pull's place in line, on a lease of its own, which is
-/// revoked (removing the place) in the background however the pull ends;
-/// if that fails, the lease runs out.
+/// A waiting pull's place in line, on a lease of its own.
 struct Waiting {
-    etcd: Etcd,
-    lease: i64,
     place: LinePlace,
+    _lease: WaiterLease,
 }
 
-impl Drop for Waiting {
+/// The lease of a waiting pull's place, revoked (removing the place) in
+/// the background however the pull ends; if that fails, it runs out.
+struct WaiterLease {
+    etcd: Etcd,
+    lease: i64,
+}
+
+impl Drop for WaiterLease {
     fn drop(&mut self) {
         let (etcd, lease) = (self.etcd.clone(), self.lease);
         if let Ok(h) = tokio::runtime::Handle::try_current() {
@@ -668,16 +672,15 @@ impl EtcdQueue {
                 .await?
                 .id();
             // From here on, the place goes with the lease however this ends.
-            let mut waiting = Waiting {
+            let lease = WaiterLease {
                 etcd: self.etcd.clone(),
                 lease,
-                place: LinePlace {
-                    key: Vec::new(),
-                    revision: 0,
-                },
             };
-            waiting.place = self.waiters.join_on_lease(lease, Vec::new()).await?;
-            Ok::<_, Error>(waiting)
+            let place = self.waiters.join_on_lease(lease.lease, Vec::new()).await?;
+            Ok::<_, Error>(Waiting {
+                place,
+                _lease: lease,
+            })
         };
         match joined.await {
             Ok(waiting) => Some(waiting),

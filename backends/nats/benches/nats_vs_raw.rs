@@ -177,9 +177,9 @@ async fn pubsub_rate(
                 }
             }
         }
-        // Kept connected until the subscriber has counted.
+        // Kept connected (the task owns the publisher) until the
+        // subscriber has counted and aborts it.
         std::future::pending::<()>().await;
-        drop(publisher);
     });
     let mut got = 0usize;
     while got < messages {
